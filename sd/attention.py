@@ -1,0 +1,63 @@
+"""Attention, the one operation every network of Stable Diffusion shares.
+
+All of it goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel the
+device has (flash / memory-efficient / math) and never materialises more than it must.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v, per head.
+
+    q: [B, Tq, C], k and v: [B, Tk, C] with C = heads * d. Returns [B, Tq, C].
+    """
+    b, tq, c = q.shape
+    q, k, v = (x.unflatten(-1, (heads, c // heads)).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(b, tq, c)
+
+
+class CrossAttention(nn.Module):
+    """The UNet's attention: self-attention when `context` is None, else queries from x and keys/values from context.
+
+    Names follow the public checkpoint (`to_q`, `to_k`, `to_v`, `to_out.0`); the projections have no bias but the
+    output. x: [B, T, dim], context: [B, S, context_dim] -> [B, T, dim].
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential only to keep the checkpoint's `to_out.0`
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class SpatialSelfAttention(nn.Module):
+    """The autoencoder's single-head self-attention over all pixels, with a residual connection.
+
+    q, k, v and the output projection are 1x1 convolutions, as in the public checkpoint. x: [B, C, H, W] -> same.
+    """
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels, eps=eps)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
+        out = attention(q, k, v, heads=1)
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
