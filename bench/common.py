@@ -25,6 +25,13 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent process)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

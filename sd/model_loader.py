@@ -1,11 +1,20 @@
-"""Reads a checkpoint file safely, works out the networks' configs from its shapes, and builds the networks.
+"""Reads any public SD v1.x checkpoint format safely, works out the networks' configs, and builds the networks.
 
-Networks are built on the meta device and then adopt the file's tensors (memory-mapped where the format allows),
-so loading never holds two copies of the weights.
+Formats are told apart by their contents, never by file name: a single-file checkpoint (`.safetensors`, or a
+`.ckpt`/`.pt` pickle with or without `state_dict` wrappers), a diffusers folder, or our own native file (written
+by convert_weights.py). What is not SD v1.x (SD 2.x, SDXL, a LoRA, an embedding, a lone VAE, a truncated file) is
+refused with a one-line message saying what it is.
+
+Networks are built on the meta device and adopt the file's tensors (memory-mapped where the format allows), so the
+weights are never held twice; a dtype change converts each tensor once.
 """
 
+import contextlib
+import dataclasses
+import json
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,46 +23,120 @@ from sd.clip import CLIP, CLIPConfig
 from sd.decoder import Decoder
 from sd.diffusion import UNet, UNetConfig
 from sd.encoder import Encoder, VAEConfig
-from sd.model_converter import CheckpointError, from_ldm, load_component
+from sd.model_converter import (
+    COMPONENTS,
+    CheckpointError,
+    from_diffusers_unet,
+    from_diffusers_vae,
+    from_ldm,
+    from_ldm_vae,
+    from_native,
+    from_transformers_clip,
+    indices,
+    load_component,
+    name_keys,
+)
+from sd.tokenizer import Tokenizer, default_tokenizer
+
+NATIVE_FORMAT = "sd-native-v1"
+
+# What SD v1 .ckpt files reference besides tensors: PyTorch Lightning's checkpoint callback (saved as a dict key by
+# sd-v1-1..4) and numpy scalars in its state. The unpickler gets an inert stand-in: nothing is imported or run.
+TRAINING_METADATA = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "_codecs.encode",
+)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat {key: tensor} from a .safetensors file or a .ckpt/.pt pickle, told apart by content, not name.
+class Inert:
+    """Stands in for training metadata in a pickle; takes any arguments and state, and does nothing."""
 
-    Pickles are read with torch's weights-only unpickler: a file that would run code is refused, never run.
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _load_pickle(path: Path, zipped: bool) -> object:
+    try:
+        with torch.serialization.safe_globals([(Inert, name) for name in TRAINING_METADATA]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as error:
+        if culprit := re.search(r"GLOBAL ([\w.]+)", str(error)):
+            raise CheckpointError(
+                f"{path}: refused: loading this pickle would call {culprit.group(1)}; sd reads only tensors from .ckpt files"
+            ) from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(error).splitlines()[0][:100]})") from None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(flat {key: tensor}, safetensors metadata) of a .safetensors file or a .ckpt/.pt pickle, by content.
+
+    Pickles go through torch's weights-only unpickler: a file that would run code is refused, never run.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass the path of an SD v1.x checkpoint")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+    if len(head) == 9 and head[8:9] == b"{" and 8 < struct.unpack("<Q", head[:8])[0] + 8 <= size:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(path), metadata
         except Exception as error:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({error}); is it truncated?") from error
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from None
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04")
-        except Exception as error:
-            raise CheckpointError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from error
+        state = _load_pickle(path, zipped=head[:4] == b"PK\x03\x04")
         while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        return state
-    raise CheckpointError(f"{path}: neither a safetensors file nor a PyTorch checkpoint")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: a pickle of {type(state).__name__}, not a checkpoint's weights")
+        return state, {}
+    raise CheckpointError(f"{path}: not a checkpoint (neither a safetensors file nor a PyTorch pickle)")
 
 
-def _indices(keys, prefix: str) -> list[int]:
-    """The distinct integers n of keys that start with `prefix` + "n.", sorted."""
-    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
+def identify(state: dict, metadata: dict[str, str], path: Path) -> str:
+    """"single-file" or "native"; anything else is refused with what it is."""
+    keys = list(state)
+    if any("lora_" in k or ".lora." in k or k.endswith((".alpha", "lora_A.weight")) for k in keys):
+        raise CheckpointError(f"{path}: a LoRA, not a checkpoint; sd loads whole SD v1.x checkpoints only")
+    if {"string_to_param", "emb_params", "clip_l", "clip_g"} & set(keys) or (
+        0 < len(keys) <= 4 and all(torch.is_tensor(v) and v.ndim <= 2 and "." not in k for k, v in state.items())
+    ):
+        raise CheckpointError(f"{path}: a textual-inversion embedding, not a checkpoint")
+    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
+        raise CheckpointError(f"{path}: an SDXL checkpoint; sd runs SD v1.x only")
+    context = state.get("model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or (context is not None and context.shape[1] == 1024):
+        raise CheckpointError(f"{path}: an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide context); sd runs SD v1.x only")
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "single-file"
+    if metadata.get("format") == NATIVE_FORMAT:
+        return "native"
+    if any(k.startswith(("encoder.conv_in.", "first_stage_model.encoder.")) for k in keys):
+        raise CheckpointError(f"{path}: a VAE-only file; load it with vae={str(path)!r} (--vae) next to a full SD v1.x checkpoint")
+    if "down_blocks.0.resnets.0.norm1.weight" in state or "text_model.embeddings.token_embedding.weight" in state:
+        raise CheckpointError(f"{path}: one network of a diffusers folder; pass the folder holding unet/, vae/, text_encoder/")
+    raise CheckpointError(f"{path}: no Stable Diffusion weights in this file (keys such as {name_keys(keys, 3)})")
 
 
-def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
+# -- configs from shapes --------------------------------------------------------------------------------------------
+
+
+def infer_unet_config(state: dict[str, torch.Tensor], heads: int = 8) -> UNetConfig:
+    """The UNet's config from its weights' names and shapes; the head count (8 for SD v1) is not in the weights."""
     conv_in = state["input_blocks.0.0.weight"]
     channels = conv_in.shape[0]
-    blocks = _indices(state, "input_blocks.")
+    blocks = indices(state, "input_blocks.")
     downsamples = [n for n in blocks if f"input_blocks.{n}.0.op.weight" in state]
     levels = len(downsamples) + 1
     num_res_blocks = (len(blocks) - 1 - len(downsamples)) // levels
@@ -65,7 +148,8 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
         channel_mult=tuple(state[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0] // channels for n in first_of_level),
         num_res_blocks=num_res_blocks,
         attention_levels=tuple(f"input_blocks.{n}.1.proj_in.weight" in state for n in first_of_level),
-        transformer_depth=len(_indices(state, "middle_block.1.transformer_blocks.")),
+        heads=heads,
+        transformer_depth=len(indices(state, "middle_block.1.transformer_blocks.")),
         context_dim=state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
     )
 
@@ -77,55 +161,184 @@ def infer_vae_config(encoder: dict[str, torch.Tensor], decoder: dict[str, torch.
         image_channels=conv_in.shape[1],
         latent_channels=decoder["post_quant_conv.weight"].shape[0],
         channels=channels,
-        channel_mult=tuple(
-            encoder[f"down.{i}.block.0.conv1.weight"].shape[0] // channels for i in _indices(encoder, "down.")
-        ),
-        num_res_blocks=len(_indices(encoder, "down.0.block.")),
+        channel_mult=tuple(encoder[f"down.{i}.block.0.conv1.weight"].shape[0] // channels for i in indices(encoder, "down.")),
+        num_res_blocks=len(indices(encoder, "down.0.block.")),
     )
 
 
-def infer_clip_config(state: dict[str, torch.Tensor]) -> CLIPConfig:
+def infer_clip_config(state: dict[str, torch.Tensor], heads: int | None = None) -> CLIPConfig:
     vocab_size, width = state["embeddings.token_embedding.weight"].shape
     return CLIPConfig(
         vocab_size=vocab_size,
         max_positions=state["embeddings.position_embedding.weight"].shape[0],
         width=width,
-        layers=len(_indices(state, "encoder.layers.")),
-        heads=max(1, width // 64),  # CLIP's heads are 64 wide; the file cannot say how many there are
+        layers=len(indices(state, "encoder.layers.")),
+        heads=heads or max(1, width // 64),  # CLIP's heads are 64 wide; the weights cannot say how many there are
         mlp_width=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
     )
 
 
+def config_from_dict(cls, values: dict):
+    """A config dataclass from JSON, lists back to tuples."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# -- diffusers folders ------------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}  # fmt: skip
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    sub = folder / name
+    weights = next((sub / f for f in WEIGHT_FILES[name] if (sub / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no {name} weights (expected {sub}/{WEIGHT_FILES[name][0]} or .bin)")
+    return read_checkpoint(weights)[0]
+
+
+def read_diffusers_folder(folder: Path) -> tuple[dict[str, dict], dict, Tokenizer]:
+    """A diffusers-format SD folder -> (components in our names, config hints, its tokenizer)."""
+    pipeline = _read_json(folder / "model_index.json").get("_class_name", "")
+    unet_config = _read_json(folder / "unet" / "config.json")
+    context = unet_config.get("cross_attention_dim")
+    if "XL" in pipeline or context == 2048 or unet_config.get("addition_embed_type"):
+        raise CheckpointError(f"{folder}: an SDXL diffusers folder; sd runs SD v1.x only")
+    if unet_config.get("use_linear_projection") or context == 1024:
+        raise CheckpointError(f"{folder}: an SD 2.x diffusers folder (1024-wide context); sd runs SD v1.x only")
+    clip, _ = from_transformers_clip(_read_weights(folder, "text_encoder"))
+    tokenizer_folder = folder / "tokenizer"
+    tokenizer = Tokenizer.from_folder(tokenizer_folder) if (tokenizer_folder / "vocab.json").is_file() else default_tokenizer()
+    components = {
+        "clip": clip,
+        **from_diffusers_vae(_read_weights(folder, "vae")),
+        "diffusion": from_diffusers_unet(_read_weights(folder, "unet")),
+    }
+    hints = {
+        "unet_heads": unet_config.get("attention_head_dim", 8),
+        "clip_heads": _read_json(folder / "text_encoder" / "config.json").get("num_attention_heads"),
+    }
+    return components, hints, tokenizer
+
+
+def read_vae(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A replacement autoencoder: an LDM-layout VAE file, a diffusers VAE weights file, or a diffusers vae/ folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / f for f in WEIGHT_FILES["vae"] if (path / f).is_file()), path / WEIGHT_FILES["vae"][0])
+    state, _ = read_checkpoint(path)
+    if "encoder.down_blocks.0.resnets.0.norm1.weight" in state:
+        return from_diffusers_vae(state)
+    if any(k.startswith("model.diffusion_model.") for k in state):
+        raise CheckpointError(f"{path}: a full checkpoint, not a VAE file; pass a VAE such as vae-ft-mse-840000-ema-pruned")
+    return from_ldm_vae(state)[0]
+
+
+# -- building the networks ----------------------------------------------------------------------------------------
+
+
 @dataclass
 class Models:
-    """The networks of one SD v1.x checkpoint; each carries its config as `.cfg`."""
+    """The tokenizer and networks of one SD v1.x checkpoint; each network carries its config as `.cfg`."""
 
+    tokenizer: Tokenizer
     clip: CLIP
     encoder: Encoder
     decoder: Decoder
     diffusion: UNet
     source: str
+    format: str
+    ignored: dict[str, str] = field(default_factory=dict)  # checkpoint keys not loaded -> why
 
     def named(self) -> dict[str, torch.nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "diffusion": self.diffusion}
 
+    @property
+    def configs(self) -> dict[str, object]:
+        return {"clip": self.clip.cfg, "vae": self.encoder.cfg, "unet": self.diffusion.cfg}
 
-def load_models(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Models:
-    """Builds the four networks of a single-file SD v1.x checkpoint, in `dtype` on `device`, in eval mode."""
-    components, _ = from_ldm(read_checkpoint(path))
-    missing = [c for c in ("clip", "encoder", "decoder", "diffusion") if c not in components]
-    if missing:
-        raise CheckpointError(f"{path}: no {', '.join(missing)} weights in this file; pass a full SD v1.x checkpoint")
-    vae_cfg = infer_vae_config(components["encoder"], components["decoder"])
-    with torch.device("meta"):
+
+@contextlib.contextmanager
+def empty_modules():
+    """Builds modules on the meta device with their initialisers switched off: their weights are about to be
+    replaced, and initialising meta tensors costs torch a first-time import of its compiler stack (~0.6 s)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def build(components: dict[str, dict], configs: dict, device, dtype) -> dict[str, torch.nn.Module]:
+    """Networks for `configs`, built empty, adopting the components' tensors in `dtype` on `device`."""
+    with empty_modules():
         nets = {
-            "clip": CLIP(infer_clip_config(components["clip"])),
-            "encoder": Encoder(vae_cfg),
-            "decoder": Decoder(vae_cfg),
-            "diffusion": UNet(infer_unet_config(components["diffusion"])),
+            "clip": CLIP(configs["clip"]),
+            "encoder": Encoder(configs["vae"]),
+            "decoder": Decoder(configs["vae"]),
+            "diffusion": UNet(configs["unet"]),
         }
     for name, net in nets.items():
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in components[name].items()}
         load_component(net, state, name)
         net.eval()
-    return Models(**nets, source=str(path))
+    return nets
+
+
+def load_models(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool = False,
+    vae: str | Path | None = None,
+) -> Models:
+    """Everything SD v1.x needs from a checkpoint: a single file, a diffusers folder or our native file.
+
+    ema: take the UNet's EMA copy from a full training file (default: the raw weights, as diffusers does).
+    vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
+    """
+    path = Path(path)
+    tokenizer, hints, ignored, configs = default_tokenizer(), {}, {}, {}
+    if path.is_dir():
+        components, hints, tokenizer = read_diffusers_folder(path)
+        layout = "diffusers"
+    else:
+        state, metadata = read_checkpoint(path)
+        layout = identify(state, metadata, path)
+        if layout == "native":
+            components = from_native(state)
+            saved = json.loads(metadata.get("configs", "{}"))
+            configs = {"clip": CLIPConfig, "vae": VAEConfig, "unet": UNetConfig}
+            configs = {name: config_from_dict(cls, saved[name]) for name, cls in configs.items() if name in saved}
+        else:
+            components, ignored = from_ldm(state, ema=ema)
+    if ema and layout != "single-file":
+        raise CheckpointError(f"{path}: --ema applies to full single-file training checkpoints only")
+    if vae is not None:
+        components |= read_vae(vae)
+    if missing := [c for c in COMPONENTS if c not in components]:
+        raise CheckpointError(f"{path}: no {', '.join(missing)} weights in this file; pass a full SD v1.x checkpoint")
+    configs.setdefault("clip", infer_clip_config(components["clip"], hints.get("clip_heads")))
+    configs.setdefault("unet", infer_unet_config(components["diffusion"], hints.get("unet_heads", 8)))
+    if vae is not None or "vae" not in configs:
+        configs["vae"] = infer_vae_config(components["encoder"], components["decoder"])
+    nets = build(components, configs, device, dtype)
+    return Models(tokenizer, **nets, source=str(path), format=layout, ignored=ignored)
+
+
+def native_metadata(models: Models, **extra: str) -> dict[str, str]:
+    """The safetensors metadata of our native format: the configs, so loading needs no inference."""
+    configs = {name: dataclasses.asdict(cfg) for name, cfg in models.configs.items()}
+    return {"format": NATIVE_FORMAT, "configs": json.dumps(configs), **extra}

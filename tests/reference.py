@@ -162,20 +162,9 @@ def reference_vae(checkpoint, vae_cfg: VAEConfig, unet_cfg: UNetConfig):
 def reference_clip(checkpoint, clip_cfg: CLIPConfig, folder: Path):
     """transformers' CLIPTextModel given the checkpoint's text encoder by diffusers' single-file path."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    CLIPTextConfig(
-        vocab_size=clip_cfg.vocab_size,
-        max_position_embeddings=clip_cfg.max_positions,
-        hidden_size=clip_cfg.width,
-        num_hidden_layers=clip_cfg.layers,
-        num_attention_heads=clip_cfg.heads,
-        intermediate_size=clip_cfg.mlp_width,
-        layer_norm_eps=clip_cfg.eps,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-    ).save_pretrained(folder / "text_encoder")
+    clip_text_config(clip_cfg).save_pretrained(folder / "text_encoder")
     model = create_diffusers_clip_model_from_ldm(
         CLIPTextModel, checkpoint, config=str(folder), subfolder="text_encoder", local_files_only=True
     )
@@ -201,3 +190,42 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float =
     bound = rtol * max(1.0, scale)
     assert diff <= bound, f"{what}: max abs difference {diff:.3e} > {bound:.3e} (reference max abs {scale:.3g})"
     return diff
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Gives a diffusers/transformers model seeded random weights by the scheme of `random_checkpoint`."""
+    shapes = {k: (list(v.shape), "float32") for k, v in model.state_dict().items() if v.is_floating_point()}
+    model.load_state_dict(random_checkpoint(shapes, seed), strict=False)
+    return model.eval()
+
+
+def random_diffusers_models(clip_cfg: CLIPConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig, seed: int = 0):
+    """diffusers' UNet and VAE and transformers' CLIPTextModel for these configs (diffusers' own translation of the
+    LDM yaml), with seeded random weights: (unet, vae, text_encoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
+    from transformers import CLIPTextModel
+
+    layout = {k: torch.empty(shape, device="meta") for k, (shape, _) in ldm_key_shapes(clip_cfg, vae_cfg, unet_cfg).items()}
+    yaml = original_config(vae_cfg, unet_cfg)
+    unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(yaml, layout))
+    vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(yaml, layout))
+    text_encoder = CLIPTextModel(clip_text_config(clip_cfg))
+    return randomize(unet, seed), randomize(vae, seed + 1), randomize(text_encoder, seed + 2)
+
+
+def clip_text_config(clip_cfg: CLIPConfig):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=clip_cfg.vocab_size,
+        max_position_embeddings=clip_cfg.max_positions,
+        hidden_size=clip_cfg.width,
+        num_hidden_layers=clip_cfg.layers,
+        num_attention_heads=clip_cfg.heads,
+        intermediate_size=clip_cfg.mlp_width,
+        layer_norm_eps=clip_cfg.eps,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )

@@ -1,0 +1,93 @@
+"""Converts any SD v1.x checkpoint sd can load into sd's native .safetensors file.
+
+    python convert_weights.py IN OUT [--dtype fp16|bf16|fp32] [--ema] [--vae FILE] [--force]
+
+IN is a single-file checkpoint (.safetensors/.ckpt), a diffusers folder, or a native file. OUT holds our module
+names and, in its metadata, the networks' configs, the dtype and the source's sha256, so loading it needs neither
+conversion nor guesswork. OUT is never overwritten without --force, and is written to a temporary file renamed into
+place, so an interrupted run leaves nothing half-written.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sd.model_converter import CheckpointError, to_native
+from sd.model_loader import Models, load_models, native_metadata
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sha256(path: Path) -> str:
+    """Of a file; of a folder, over its files' relative names and contents in sorted order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def report(models: Models, dtype: str, out: Path) -> str:
+    lines = [f"{models.source} ({models.format}) -> {out} ({dtype})", ""]
+    for name, net in models.named().items():
+        lines.append(f"  {name:<10} {type(net).__name__:<8} {sum(p.numel() for p in net.parameters()):>14,} parameters")
+    if models.ignored:
+        lines += ["", f"  {len(models.ignored)} keys not needed, ignored:"]
+        lines += [f"    {count:>4}  {reason}" for reason, count in Counter(models.ignored.values()).items()]
+    return "\n".join(lines)
+
+
+def convert(source: Path, out: Path, dtype: str = "fp16", ema: bool = False, vae: Path | None = None) -> Models:
+    """Writes the native file atomically: a temporary file next to OUT, renamed into place once complete."""
+    models = load_models(source, dtype=DTYPES[dtype], ema=ema, vae=vae)
+    state = to_native({name: net.state_dict() for name, net in models.named().items()})
+    state = {k: v.contiguous() for k, v in state.items()}
+    extra = {"dtype": dtype, "source": source.name, "source_sha256": sha256(source), "source_format": models.format}
+    if vae is not None:
+        extra |= {"vae": Path(vae).name, "vae_sha256": sha256(Path(vae))}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, tmp, metadata=native_metadata(models, **extra))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="SD v1.x checkpoint: .safetensors, .ckpt, diffusers folder")
+    parser.add_argument("out", type=Path, help="the native .safetensors file to write")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights' dtype in OUT (default fp16)")
+    parser.add_argument("--ema", action="store_true", help="take the UNet's EMA copy from a full training file")
+    parser.add_argument("--vae", type=Path, help="replace the autoencoder with this VAE file or diffusers vae/ folder")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    args = parser.parse_args(argv)
+
+    if args.out.exists() and not args.force:
+        print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    if args.out.resolve() == args.source.resolve():
+        print("error: OUT is the source checkpoint; write the native file elsewhere", file=sys.stderr)
+        return 2
+    try:
+        models = convert(args.source, args.out, args.dtype, args.ema, args.vae)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report(models, args.dtype, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
