@@ -9,7 +9,6 @@ place, so an interrupted run leaves nothing half-written.
 """
 
 import argparse
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -19,22 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from sd.model_converter import CheckpointError, to_native
-from sd.model_loader import Models, load_models, native_metadata
+from sd.model_loader import Models, load_models, native_metadata, sha256
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def sha256(path: Path) -> str:
-    """Of a file; of a folder, over its files' relative names and contents in sorted order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def report(models: Models, dtype: str, out: Path) -> str:

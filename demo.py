@@ -1,10 +1,9 @@
-"""Text-to-image from the command line. The sampling pipeline is not built yet: until it lands, this reports the
-networks that are (`python -m sd.inspect` has the full tree)."""
+"""`python demo.py "a lighthouse at dusk"`: text-to-image (and, with --init-image, image-to-image) from the
+command line; `python demo.py --help` lists the options. The same as `python -m sd`."""
 
 import sys
 
-from sd.inspect import main
+from sd.cli import main
 
 if __name__ == "__main__":
-    print("sd: the text-to-image pipeline is not built yet; these are the networks it will run:\n")
-    sys.exit(main(["--depth", "0"]))
+    sys.exit(main())

@@ -19,6 +19,7 @@ setup(
             "transformers==5.23.0",
             "accelerate==1.15.0",
             "ftfy==6.3.1",
+            "scipy==1.17.1",  # diffusers' LMS scheduler integrates with it
         ],
     },
 )

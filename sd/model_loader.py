@@ -11,6 +11,7 @@ weights are never held twice; a dtype change converts each tensor once.
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import struct
@@ -39,6 +40,7 @@ from sd.model_converter import (
 from sd.tokenizer import Tokenizer, default_tokenizer
 
 NATIVE_FORMAT = "sd-native-v1"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "shapes.safetensors"
 
 # What SD v1 .ckpt files reference besides tensors: PyTorch Lightning's checkpoint callback (saved as a dict key by
 # sd-v1-1..4) and numpy scalars in its state. The unpickler gets an inert stand-in: nothing is imported or run.
@@ -256,6 +258,7 @@ class Models:
     source: str
     format: str
     ignored: dict[str, str] = field(default_factory=dict)  # checkpoint keys not loaded -> why
+    image_size: int = 512  # the side the model was trained at, which the demo draws by default
 
     def named(self) -> dict[str, torch.nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "diffusion": self.diffusion}
@@ -310,7 +313,7 @@ def load_models(
     vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
     """
     path = Path(path)
-    tokenizer, hints, ignored, configs = default_tokenizer(), {}, {}, {}
+    tokenizer, hints, ignored, configs, image_size = default_tokenizer(), {}, {}, {}, 512
     if path.is_dir():
         components, hints, tokenizer = read_diffusers_folder(path)
         layout = "diffusers"
@@ -322,6 +325,7 @@ def load_models(
             saved = json.loads(metadata.get("configs", "{}"))
             configs = {"clip": CLIPConfig, "vae": VAEConfig, "unet": UNetConfig}
             configs = {name: config_from_dict(cls, saved[name]) for name, cls in configs.items() if name in saved}
+            image_size = int(metadata.get("image_size", image_size))
         else:
             components, ignored = from_ldm(state, ema=ema)
     if ema and layout != "single-file":
@@ -335,10 +339,25 @@ def load_models(
     if vae is not None or "vae" not in configs:
         configs["vae"] = infer_vae_config(components["encoder"], components["decoder"])
     nets = build(components, configs, device, dtype)
-    return Models(tokenizer, **nets, source=str(path), format=layout, ignored=ignored)
+    return Models(tokenizer, **nets, source=str(path), format=layout, ignored=ignored, image_size=image_size)
+
+
+def sha256(path: str | Path) -> str:
+    """Of a file (A1111's "Model hash" is its first 10 hex digits); of a folder, over its files' relative names and
+    contents in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def native_metadata(models: Models, **extra: str) -> dict[str, str]:
     """The safetensors metadata of our native format: the configs, so loading needs no inference."""
     configs = {name: dataclasses.asdict(cfg) for name, cfg in models.configs.items()}
-    return {"format": NATIVE_FORMAT, "configs": json.dumps(configs), **extra}
+    return {"format": NATIVE_FORMAT, "configs": json.dumps(configs), "image_size": str(models.image_size), **extra}

@@ -229,3 +229,59 @@ def clip_text_config(clip_cfg: CLIPConfig):
         bos_token_id=49406,
         eos_token_id=49407,
     )
+
+
+SD15_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+}  # fmt: skip
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "plms": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+}  # fmt: skip
+
+
+def diffusers_scheduler(name: str, karras: bool = False):
+    """Our sampler `name`'s diffusers counterpart, from SD v1.5's scheduler config."""
+    import diffusers
+
+    extra = {"use_karras_sigmas": True} if karras else {}
+    return getattr(diffusers, DIFFUSERS_SCHEDULERS[name]).from_config(SD15_SCHEDULER, **extra)
+
+
+def diffusers_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer from vocab.json/merges.txt derived from OpenAI's merges file (same ids as SD v1's
+    on prompts that need no text fixes)."""
+    from transformers import CLIPTokenizer
+
+    from make_tokenizer_golden import derive_hf_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    derive_hf_files(folder)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def our_models(checkpoint: dict[str, torch.Tensor], clip_cfg, vae_cfg, unet_cfg):
+    """`Models` (what load_models returns) for an in-memory checkpoint."""
+    from sd.model_loader import Models
+    from sd.tokenizer import default_tokenizer
+
+    return Models(default_tokenizer(), **our_networks(checkpoint, clip_cfg, vae_cfg, unet_cfg), source="memory", format="single-file")
+
+
+def diffusers_pipelines(checkpoint, clip_cfg, vae_cfg, unet_cfg, folder: Path):
+    """diffusers' StableDiffusionPipeline and StableDiffusionImg2ImgPipeline on the checkpoint's weights (no safety
+    checker); set `.scheduler` before each use."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    parts = {
+        "unet": reference_unet(checkpoint, vae_cfg, unet_cfg),
+        "vae": reference_vae(checkpoint, vae_cfg, unet_cfg),
+        "text_encoder": reference_clip(checkpoint, clip_cfg, folder),
+        "tokenizer": diffusers_tokenizer(folder / "tokenizer"),
+        "scheduler": diffusers_scheduler("euler_a"),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    return StableDiffusionPipeline(**parts), StableDiffusionImg2ImgPipeline(**parts)

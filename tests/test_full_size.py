@@ -1,13 +1,20 @@
 """The full SD v1.5 networks (the public file's every key and shape) against diffusers/transformers: one forward
-each at a small size, so the full depth and width are proven on every run in well under a minute."""
+each at a small size, then text-to-image and image-to-image with every sampler at 64x64 pixels, so the full depth
+and width are proven on every run within a couple of minutes."""
 
 import gc
 
 import pytest
 import torch
 
+import numpy as np
+from PIL import Image
+
 from reference import (
     assert_close,
+    diffusers_pipelines,
+    diffusers_scheduler,
+    our_models,
     our_networks,
     public_key_shapes,
     random_checkpoint,
@@ -18,6 +25,7 @@ from reference import (
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig
+from sd.pipeline import generate
 
 CLIP_CFG, VAE_CFG, UNET_CFG = CLIPConfig(), VAEConfig(), UNetConfig()
 
@@ -33,6 +41,11 @@ def checkpoint():
 @pytest.fixture(scope="module")
 def ours(checkpoint):
     return our_networks(checkpoint, CLIP_CFG, VAE_CFG, UNET_CFG)
+
+
+@pytest.fixture(scope="module")
+def pipelines(checkpoint, tmp_path_factory):
+    return diffusers_pipelines(checkpoint, CLIP_CFG, VAE_CFG, UNET_CFG, tmp_path_factory.mktemp("pipe"))
 
 
 def inputs(seed: int, *shapes):
@@ -67,3 +80,24 @@ def test_full_size_clip_matches_transformers(checkpoint, ours, tmp_path):
     out = ref(tokens, output_hidden_states=True)
     assert_close(ours["clip"](tokens), out.last_hidden_state, "full-size CLIP")
     assert_close(ours["clip"](tokens, clip_skip=2), ref.final_layer_norm(out.hidden_states[-2]), "CLIP, clip_skip=2")
+
+
+SAMPLERS = ["ddpm", "ddim", "plms", "euler", "euler_a", "lms", "dpmpp_2m"]
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_full_size_text_to_image_and_image_to_image_match_diffusers(checkpoint, pipelines, name):
+    models = our_models(checkpoint, CLIP_CFG, VAE_CFG, UNET_CFG)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    runs = {
+        "txt2img": ({"width": 64, "height": 64}, {"height": 64, "width": 64}, 0),
+        "img2img": ({"init_image": image, "strength": 0.7}, {"image": image, "strength": 0.7}, 1),
+    }
+    for what, (our_kwargs, their_kwargs, pipeline) in runs.items():
+        ours = generate(PROMPT, models, negative_prompt="blurry", sampler=name, steps=3, seed=2024,
+                        output_type="latent", progress=False, **our_kwargs)  # fmt: skip
+        pipelines[pipeline].scheduler = diffusers_scheduler(name)
+        expected = pipelines[pipeline](PROMPT, negative_prompt="blurry", num_inference_steps=3, output_type="latent",
+                                       generator=torch.Generator().manual_seed(2024), **their_kwargs).images  # fmt: skip
+        assert_close(ours.images, expected, f"full-size {what} with {name}")

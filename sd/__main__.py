@@ -1,0 +1,5 @@
+import sys
+
+from sd.cli import main
+
+sys.exit(main())

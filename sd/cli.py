@@ -1,0 +1,195 @@
+"""The command line: `python demo.py "a lighthouse at dusk"` (or `python -m sd ...`), text-to-image and, with
+--init-image, image-to-image. PNGs carry A1111-compatible `parameters` text, file names are numbered so nothing is
+ever overwritten, and every file is written whole or not at all. Bad input is one line on stderr and exit code 2,
+before anything is loaded or written."""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from sd.model_converter import CheckpointError
+from sd.samplers import make_sampler, samplers
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line and exit code 2, as for every other bad input (argparse prints its usage first)."""
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(prog="demo.py", description="Stable Diffusion v1.x: text-to-image and image-to-image.")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--negative", default="", help="what to steer away from (negative prompt)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    p.add_argument("--sampler", default="euler_a", choices=list(samplers()), help="default euler_a")
+    p.add_argument("--karras", action="store_true", help="Karras sigma schedule (euler, lms, dpmpp_2m)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (ddim only; default 0)")
+    p.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's size, 512 for SD v1.x)")
+    p.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's size)")
+    p.add_argument("--batch", type=int, default=1, help="images to make (one seed, one batch; default 1)")
+    p.add_argument("--init-image", type=Path, help="image-to-image: start from this image")
+    p.add_argument("--strength", type=float, default=0.75, help="image-to-image: how much to change, 0..1 (0.75)")
+    p.add_argument("--clip-skip", type=int, default=1, help="stop CLIP this many layers early, minus one (A1111's)")
+    p.add_argument("--ckpt", type=Path, help="SD v1.x checkpoint: .safetensors, .ckpt, diffusers folder, native")
+    p.add_argument("--vae", type=Path, help="a replacement VAE file or diffusers vae/ folder")
+    p.add_argument("--ema", action="store_true", help="use the EMA UNet of a full training checkpoint")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: cuda, mps, cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: fp16 on CUDA, else fp32")
+    p.add_argument("--outdir", type=Path, default=Path("outputs"), help="where PNGs go (default outputs/)")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device on this machine; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: no Apple GPU on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading a model, so bad input costs nothing and writes nothing."""
+    from sd.pipeline import check_size, open_image
+
+    check_size(args.width or 8, args.height or 8)
+    if not 0 <= args.strength <= 1:
+        raise ValueError(f"--strength must be between 0 and 1, got {args.strength}")
+    if args.steps < 1 or args.batch < 1:
+        raise ValueError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
+    make_sampler(args.sampler, karras=args.karras, eta=args.eta)
+    if args.init_image is not None:
+        open_image(args.init_image)
+    for flag, path in (("--ckpt", args.ckpt), ("--vae", args.vae)):
+        if path is not None and not path.exists():
+            raise ValueError(f"{flag} {path}: no such file or folder")
+
+
+def model_hash(path: Path) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the file's sha256, cached by path, size and mtime."""
+    from sd.model_loader import sha256
+
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd" / "hashes.json"
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256(path)[:10]
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(cache))
+        except OSError:
+            pass  # an unwritable cache only costs hashing again next time
+    return cache[key]
+
+
+def infotext(settings: dict, index: int, model: str, hash_: str) -> str:
+    """A1111's `parameters` text: prompt, negative prompt, then "Key: value" pairs its PNG-info reads back."""
+    per_prompt = settings["batch_size"]
+    prompt, negative = settings["prompts"][index // per_prompt], settings["negative_prompts"][index // per_prompt]
+    fields = {
+        "Steps": settings["steps"], "Sampler": settings["sampler"],
+        "Schedule type": "Karras" if settings["karras"] else None, "CFG scale": settings["cfg_scale"],
+        "Seed": settings["seed"], "Size": f"{settings['width']}x{settings['height']}", "Model hash": hash_,
+        "Model": model, "Denoising strength": settings.get("strength"),
+        "Clip skip": settings["clip_skip"] if settings["clip_skip"] > 1 else None,
+        "Eta": settings.get("eta") or None,
+        "Batch size": per_prompt if per_prompt > 1 else None, "Batch pos": index % per_prompt if per_prompt > 1 else None,
+    }  # fmt: skip
+    lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
+    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
+
+
+def save_png(image: Image.Image, folder: Path, suffix: str, info: str) -> Path:
+    """Saves as the next free `NNNNN-suffix.png`: written to a temporary file, then hard-linked into place, which
+    fails rather than replace a file that appeared meanwhile, so nothing is overwritten or left half-written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    number = max(numbers, default=-1) + 1
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", info)
+    tmp = folder / f".{os.getpid()}-{time.monotonic_ns()}.png.tmp"
+    try:
+        image.save(tmp, format="PNG", pnginfo=chunk)
+        while True:
+            path = folder / f"{number:05d}-{suffix}.png"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                number += 1
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * width, (i // columns) * height))
+    return sheet
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    from sd.model_loader import DEFAULT_CHECKPOINT, load_models
+    from sd.pipeline import generate
+
+    validate(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    checkpoint = args.ckpt or DEFAULT_CHECKPOINT
+    if args.ckpt is None:
+        if not checkpoint.is_file():
+            raise ValueError(f"the built-in model {checkpoint} is missing; pass --ckpt with an SD v1.x checkpoint")
+        print("built-in shapes model; pass --ckpt for SD v1.x")
+    models = load_models(checkpoint, device=device, dtype=dtype, ema=args.ema, vae=args.vae)
+    width = args.width or (None if args.init_image else models.image_size)
+    height = args.height or (None if args.init_image else models.image_size)
+    result = generate(
+        args.prompt, models, negative_prompt=args.negative, sampler=args.sampler, karras=args.karras, eta=args.eta,
+        steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=width, height=height, batch_size=args.batch,
+        init_image=args.init_image, strength=args.strength, clip_skip=args.clip_skip,
+    )  # fmt: skip
+    print(f"seed {result.seed}")
+    name, hash_ = checkpoint.stem if checkpoint.is_file() else checkpoint.name, model_hash(checkpoint)
+    settings = result.settings | {"eta": args.eta}
+    paths = [save_png(image, args.outdir, str(result.seed), infotext(settings, i, name, hash_)) for i, image in enumerate(result.images)]
+    if len(result.images) > 1:
+        paths.append(save_png(grid(result.images), args.outdir, f"grid-{result.seed}", infotext(settings, 0, name, hash_)))
+    for path in paths:
+        print(f"wrote {path}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

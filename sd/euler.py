@@ -1,0 +1,39 @@
+"""Euler and Euler ancestral (Karras et al. 2022's formulation, k-diffusion's samplers), in sigma space.
+
+Euler integrates the probability-flow ODE dx/dsigma = (x - x0) / sigma with one Euler step per sigma. Euler
+ancestral steps down to sigma_down and adds fresh noise of size sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2.
+As diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler."""
+
+import torch
+
+from sd.samplers import SigmaSampler, noise
+
+
+class Euler(SigmaSampler):
+    label = "Euler"
+
+    def set_steps(self, steps: int) -> None:
+        self.set_sigmas(steps)
+
+    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        sigma = self.sigmas[i]
+        x = x.float()
+        derivative = (x - (x - sigma * eps)) / sigma
+        return (x + derivative * (self.sigmas[i + 1] - sigma)).to(eps.dtype)
+
+
+class EulerAncestral(SigmaSampler):
+    label = "Euler a"
+    supports_karras = False  # diffusers offers none for it
+
+    def set_steps(self, steps: int) -> None:
+        self.set_sigmas(steps)
+
+    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x = x.float()
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        derivative = (x - (x - sigma * eps)) / sigma
+        x = x + derivative * (sigma_down - sigma)
+        return (x + noise(eps, generator) * sigma_up).to(eps.dtype)

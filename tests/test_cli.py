@@ -1,0 +1,102 @@
+"""demo.py / `python -m sd`: PNGs with A1111-readable parameters, never an overwrite, one-line errors and exit code 2
+for bad input with nothing written."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from reference import ldm_key_shapes, random_checkpoint
+from sd.cli import main
+from sd.clip import CLIPConfig
+from sd.diffusion import UNetConfig
+from sd.encoder import VAEConfig
+
+ROOT = Path(__file__).parents[1]
+# A1111's reader of the `parameters` text (modules/infotext_utils.py): "Key: value" pairs on the last line
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_parameters(path: Path) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields), parsed the way A1111's PNG-info does."""
+    *lines, last = Image.open(path).text["parameters"].strip().split("\n")
+    prompt = "\n".join(line for line in lines if not line.startswith("Negative prompt:"))
+    negative = next((line[16:].strip() for line in lines if line.startswith("Negative prompt:")), "")
+    return prompt, negative, {k.strip(): v.strip() for k, v in A1111_PARAM.findall(last)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-model.safetensors"
+    save_file(random_checkpoint(ldm_key_shapes(CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()), seed=3), path)
+    return path
+
+
+def demo(ckpt: Path, outdir: Path, *args: str) -> int:
+    return main(["a red circle", "--ckpt", str(ckpt), "--outdir", str(outdir), "-W", "64", "-H", "48", "--steps", "3", *args])
+
+
+def test_png_carries_parameters_that_a1111_reads_back(ckpt, tmp_path, capsys):
+    assert demo(ckpt, tmp_path, "--seed", "42", "--negative", "blurry", "--sampler", "dpmpp_2m", "--karras", "--clip-skip", "2") == 0
+    assert "seed 42" in capsys.readouterr().out
+    (png,) = sorted(tmp_path.glob("*.png"))
+    assert png.name == "00000-42.png" and Image.open(png).size == (64, 48)
+    prompt, negative, fields = read_parameters(png)
+    assert (prompt, negative) == ("a red circle", "blurry")
+    expected = {"Steps": "3", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7.5", "Seed": "42",
+                "Size": "64x48", "Model": "tiny-model", "Clip skip": "2"}  # fmt: skip
+    assert {k: fields[k] for k in expected} == expected
+    assert re.fullmatch(r"[0-9a-f]{10}", fields["Model hash"])
+
+
+def test_image_to_image_records_its_denoising_strength(ckpt, tmp_path):
+    Image.new("RGB", (40, 32), "blue").save(tmp_path / "init.png")
+    assert demo(ckpt, tmp_path / "out", "--init-image", str(tmp_path / "init.png"), "--strength", "0.6", "-W", "40", "-H", "32", "--seed", "1") == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert read_parameters(png)[2]["Denoising strength"] == "0.6" and Image.open(png).size == (40, 32)
+
+
+def test_a_batch_gives_numbered_images_and_a_grid_and_nothing_is_overwritten(ckpt, tmp_path):
+    (tmp_path / "00003-99.png").write_bytes(b"someone's image")
+    assert demo(ckpt, tmp_path, "--batch", "3", "--seed", "5") == 0
+    assert demo(ckpt, tmp_path, "--seed", "5") == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00003-99.png", "00004-5.png", "00005-5.png", "00006-5.png", "00007-grid-5.png", "00008-5.png"]
+    assert (tmp_path / "00003-99.png").read_bytes() == b"someone's image"
+    assert Image.open(tmp_path / "00007-grid-5.png").size == (128, 96)
+    assert read_parameters(tmp_path / "00005-5.png")[2]["Batch pos"] == "1"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["-W", "100"], "error: width must be a positive multiple of 8, got 100 (try 96 or 104)"),
+     (["--strength", "1.5", "--init-image", "x.png"], "error: --strength must be between 0 and 1, got 1.5"),
+     (["--init-image", "{tmp}/broken.png"], "error: init image {tmp}/broken.png: not a readable image"),
+     (["--init-image", "{tmp}/missing.png"], "error: init image {tmp}/missing.png: no such file"),
+     (["--sampler", "heun"], "error: argument --sampler: invalid choice: 'heun'"),
+     (["--ckpt", "{tmp}/missing.ckpt"], "error: --ckpt {tmp}/missing.ckpt: no such file or folder"),
+     (["--ckpt", "{tmp}/broken.png"], "error: {tmp}/broken.png: not a checkpoint"),
+     (["--sampler", "euler_a", "--karras"], "error: the Euler a sampler has no Karras schedule")],
+    ids=["size", "strength", "unreadable-image", "missing-image", "sampler", "missing-ckpt", "not-a-ckpt", "karras"],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_code_2_and_writes_nothing(ckpt, tmp_path, args, message):
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    ckpt_args = [] if "--ckpt" in args else ["--ckpt", str(ckpt)]
+    result = subprocess.run([sys.executable, str(ROOT / "demo.py"), "a cat", *ckpt_args, *args, "--outdir", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message.replace("{tmp}", str(tmp_path))) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_m_sd_is_the_same_command(ckpt, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sd", "a cat", "--ckpt", str(ckpt), "-W", "32", "-H", "32", "--steps", "1",
+                             "--seed", "3", "--outdir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Euler a" in result.stderr, "tqdm progress over the steps"
+    assert [p.name for p in tmp_path.iterdir()] == ["00000-3.png"]
