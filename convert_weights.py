@@ -1,10 +1,12 @@
 """Converts any SD v1.x checkpoint sd can load into sd's native .safetensors file.
 
     python convert_weights.py IN OUT [--dtype fp16|bf16|fp32] [--ema] [--vae FILE] [--force]
+                                     [--layout native|single-file]
 
 IN is a single-file checkpoint (.safetensors/.ckpt), a diffusers folder, or a native file. OUT holds our module
 names and, in its metadata, the networks' configs, the dtype and the source's sha256, so loading it needs neither
-conversion nor guesswork. OUT is never overwritten without --force, and is written to a temporary file renamed into
+conversion nor guesswork; `--layout single-file` writes the public single-file keys instead (as v1-5-pruned-emaonly
+has them), for other tools. OUT is never overwritten without --force, and is written to a temporary file renamed into
 place, so an interrupted run leaves nothing half-written.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sd.model_converter import CheckpointError, to_native
+from sd.model_converter import CheckpointError, to_ldm, to_native
 from sd.model_loader import Models, load_models, native_metadata, sha256
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -33,17 +35,23 @@ def report(models: Models, dtype: str, out: Path) -> str:
     return "\n".join(lines)
 
 
-def convert(source: Path, out: Path, dtype: str = "fp16", ema: bool = False, vae: Path | None = None) -> Models:
-    """Writes the native file atomically: a temporary file next to OUT, renamed into place once complete."""
+def convert(
+    source: Path, out: Path, dtype: str = "fp16", ema: bool = False, vae: Path | None = None, layout: str = "native"
+) -> Models:
+    """Writes OUT atomically: a temporary file next to it, renamed into place once complete."""
     models = load_models(source, dtype=DTYPES[dtype], ema=ema, vae=vae)
-    state = to_native({name: net.state_dict() for name, net in models.named().items()})
+    components = {name: net.state_dict() for name, net in models.named().items()}
+    state = to_native(components) if layout == "native" else to_ldm(components)
     state = {k: v.contiguous() for k, v in state.items()}
     extra = {"dtype": dtype, "source": source.name, "source_sha256": sha256(source), "source_format": models.format}
     if vae is not None:
         extra |= {"vae": Path(vae).name, "vae_sha256": sha256(Path(vae))}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, tmp, metadata=native_metadata(models, **extra))
+        metadata = (
+            native_metadata(models, **extra) if layout == "native" else {"image_size": str(models.image_size), **extra}
+        )
+        save_file(state, tmp, metadata=metadata)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -57,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights' dtype in OUT (default fp16)")
     parser.add_argument("--ema", action="store_true", help="take the UNet's EMA copy from a full training file")
     parser.add_argument("--vae", type=Path, help="replace the autoencoder with this VAE file or diffusers vae/ folder")
+    parser.add_argument("--layout", choices=["native", "single-file"], default="native", help="OUT's key layout")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
 
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: OUT is the source checkpoint; write the native file elsewhere", file=sys.stderr)
         return 2
     try:
-        models = convert(args.source, args.out, args.dtype, args.ema, args.vae)
+        models = convert(args.source, args.out, args.dtype, args.ema, args.vae, args.layout)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -56,5 +56,7 @@ def write_table(name: str, title: str, columns: list[str], rows: list[list], not
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text)
     records = [dict(zip(columns, row)) for row in rows]
-    (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "machine": info, "rows": records, "notes": list(notes)}, indent=1))
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"title": title, "machine": info, "rows": records, "notes": list(notes)}, indent=1)
+    )
     return text

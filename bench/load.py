@@ -26,7 +26,6 @@ from common import peak_rss_gib, write_table  # noqa: E402
 
 def touch(modules) -> float:
     """Reads one value per 4 KiB page of every weight, so memory-mapped weights are really loaded."""
-    import torch
 
     total = 0.0
     for module in modules:
@@ -53,9 +52,9 @@ def prepare(kind: str, path: Path):
     os.environ["HF_HUB_OFFLINE"] = "1"
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm, load_single_file_checkpoint
+    from reference import original_config
     from transformers import CLIPTextModel
 
-    from reference import original_config
     from sd.diffusion import UNetConfig
     from sd.encoder import VAEConfig
 
@@ -65,8 +64,14 @@ def prepare(kind: str, path: Path):
         checkpoint = load_single_file_checkpoint(str(path))
         unet = UNet2DConditionModel.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype)
         vae = AutoencoderKL.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype)
-        clip = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint, config=str(path.parent / "clip-config"),
-                                                    subfolder="text_encoder", torch_dtype=dtype, local_files_only=True)  # fmt: skip
+        clip = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel,
+            checkpoint,
+            config=str(path.parent / "clip-config"),
+            subfolder="text_encoder",
+            torch_dtype=dtype,
+            local_files_only=True,
+        )
         touch([unet, vae, clip])
 
     return load
@@ -84,16 +89,18 @@ def worker(kind: str, path: Path) -> dict:
 def measure(kind: str, path: Path, repeats: int) -> dict:
     runs = []
     for _ in range(repeats + 1):  # the first run warms the page cache and is dropped
-        out = subprocess.run([sys.executable, __file__, "--worker", kind, str(path)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, str(path)], capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {key: statistics.median(r[key] for r in runs[1:]) for key in runs[0]}
 
 
 def make_files(workdir: Path) -> list[Path]:
     import torch
+    from reference import clip_text_config, public_key_shapes, random_checkpoint
     from safetensors.torch import save_file
 
-    from reference import clip_text_config, public_key_shapes, random_checkpoint
     from sd.clip import CLIPConfig
 
     files = [workdir / "sd15-fp32.safetensors", workdir / "sd15-fp16.safetensors", workdir / "sd15-fp32.ckpt"]
@@ -121,23 +128,48 @@ def main() -> None:
     rows = []
     for path in make_files(args.workdir):
         raw, ours, ref = (measure(kind, path, args.repeats) for kind in ("raw", "ours", "diffusers"))
-        rows.append([
-            path.name, f"{path.stat().st_size / 2**30:.2f}", f"{raw['seconds']:.2f}",
-            f"{ours['seconds']:.2f}", f"{ref['seconds']:.2f}", f"{ours['seconds'] / ref['seconds']:.2f}",
-            f"{ours['seconds'] / raw['seconds']:.2f}",
-            f"{ours['with_imports']:.2f}", f"{ref['with_imports']:.2f}", f"{ours['with_imports'] / ref['with_imports']:.2f}",
-            f"{ours['peak_rss_gb']:.2f}", f"{ref['peak_rss_gb']:.2f}", f"{raw['peak_rss_gb']:.2f}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                path.name,
+                f"{path.stat().st_size / 2**30:.2f}",
+                f"{raw['seconds']:.2f}",
+                f"{ours['seconds']:.2f}",
+                f"{ref['seconds']:.2f}",
+                f"{ours['seconds'] / ref['seconds']:.2f}",
+                f"{ours['seconds'] / raw['seconds']:.2f}",
+                f"{ours['with_imports']:.2f}",
+                f"{ref['with_imports']:.2f}",
+                f"{ours['with_imports'] / ref['with_imports']:.2f}",
+                f"{ours['peak_rss_gb']:.2f}",
+                f"{ref['peak_rss_gb']:.2f}",
+                f"{raw['peak_rss_gb']:.2f}",
+            ]
+        )
     write_table(
         "load",
         "Loading a full SD v1.5 checkpoint (UNet + VAE + CLIP text), CPU",
-        ["file", "GiB", "raw read s", "ours s", "diffusers s", "ours/diffusers", "ours/raw read",
-         "ours s with imports", "diffusers s with imports", "ratio with imports",
-         "ours peak RSS GiB", "diffusers peak RSS GiB", "raw read peak RSS GiB"],  # fmt: skip
+        [
+            "file",
+            "GiB",
+            "raw read s",
+            "ours s",
+            "diffusers s",
+            "ours/diffusers",
+            "ours/raw read",
+            "ours s with imports",
+            "diffusers s with imports",
+            "ratio with imports",
+            "ours peak RSS GiB",
+            "diffusers peak RSS GiB",
+            "raw read peak RSS GiB",
+        ],
         rows,
-        [f"Median of {args.repeats} warm-cache runs, each in a fresh process; load = until every weight is in memory",
-         "(then touched page by page). 'with imports' adds importing the libraries, as a command-line run pays it.",
-         "fp16 files load as fp16 on both sides; fp32 as fp32. Peak RSS: the process's VmHWM, imports included."],  # fmt: skip
+        [
+            f"Median of {args.repeats} warm-cache runs, each in a fresh process;",
+            "load = until every weight is in memory",
+            "(then touched page by page). 'with imports' adds importing the libraries, as a command-line run pays it.",
+            "fp16 files load as fp16 on both sides; fp32 as fp32. Peak RSS: the process's VmHWM, imports included.",
+        ],
     )
 
 

@@ -102,22 +102,44 @@ def main() -> None:
         if args.oracle_python:
             out = subprocess.run(
                 [args.oracle_python, "-c", REFERENCE, str(folder), str(folder / "prompts.json"), str(REPEATS)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             reference = float(out.stdout.split()[-1])
-            rows.append(["transformers 4 Python CLIPTokenizer + ftfy (SD v1's)", f"{reference:.2f}",
-                         f"{len(texts) / reference:,.0f}", f"{reference / ours:.2f}"])
+            rows.append(
+                [
+                    "transformers 4 Python CLIPTokenizer + ftfy (SD v1's)",
+                    f"{reference:.2f}",
+                    f"{len(texts) / reference:,.0f}",
+                    f"{reference / ours:.2f}",
+                ]
+            )
         try:
             rust = time_rust(texts, folder)
-            rows.append(["transformers 5 CLIPTokenizer (Rust; not SD v1's rules)", f"{rust:.2f}",
-                         f"{len(texts) / rust:,.0f}", f"{rust / ours:.2f}"])
+            rows.append(
+                [
+                    "transformers 5 CLIPTokenizer (Rust; not SD v1's rules)",
+                    f"{rust:.2f}",
+                    f"{len(texts) / rust:,.0f}",
+                    f"{rust / ours:.2f}",
+                ]
+            )
         except ImportError:
             pass
-    notes = [f"{len(texts):,} distinct prompts, fresh tokenizer each run, median of {REPEATS}; "
-             "ratio = that tokenizer's time / ours (above 1: ours is faster)."]
+    notes = [
+        f"{len(texts):,} distinct prompts, fresh tokenizer each run, median of {REPEATS}; "
+        "ratio = that tokenizer's time / ours (above 1: ours is faster)."
+    ]
     if not args.oracle_python:
         notes.append("The SD v1 reference was not run: pass --oracle-python.")
-    write_table("tokenizer", "Tokenizing 10,000 prompts to [1, 77] ids (CPU)", ["tokenizer", "seconds", "prompts/s", "ratio"], rows, notes)
+    write_table(
+        "tokenizer",
+        "Tokenizing 10,000 prompts to [1, 77] ids (CPU)",
+        ["tokenizer", "seconds", "prompts/s", "ratio"],
+        rows,
+        notes,
+    )
 
 
 if __name__ == "__main__":

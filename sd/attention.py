@@ -9,15 +9,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False, chunk: int | None = None
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v, per head.
 
-    q: [B, Tq, C], k and v: [B, Tk, C] with C = heads * d. Returns [B, Tq, C].
+    q: [B, Tq, C], k and v: [B, Tk, C] with C = heads * d. Returns [B, Tq, C]. `chunk` (non-causal only): attend
+    that many queries at a time, bounding the attention scores' memory where the kernel would hold all of them.
     """
     b, tq, c = q.shape
     q, k, v = (x.unflatten(-1, (heads, c // heads)).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if chunk and tq > chunk and not causal:
+        out = torch.cat(
+            [F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v) for i in range(0, tq, chunk)], dim=2
+        )
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, tq, c)
+
+
+def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
+    """Attention slicing: every UNet and VAE attention in `model` attends `chunk` queries at a time (None: all)."""
+    for module in model.modules():
+        if isinstance(module, (CrossAttention, SpatialSelfAttention)):
+            module.chunk = chunk
 
 
 class CrossAttention(nn.Module):
@@ -35,10 +50,13 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential only to keep the checkpoint's `to_out.0`
+        self.chunk: int | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(
+            attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, chunk=self.chunk)
+        )
 
 
 class SpatialSelfAttention(nn.Module):
@@ -54,10 +72,11 @@ class SpatialSelfAttention(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.chunk: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v, heads=1)
+        out = attention(q, k, v, heads=1, chunk=self.chunk)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))

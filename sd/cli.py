@@ -48,12 +48,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: cuda, mps, cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: fp16 on CUDA, else fp32")
     p.add_argument("--outdir", type=Path, default=Path("outputs"), help="where PNGs go (default outputs/)")
+    memory = p.add_argument_group("speed and memory")
+    memory.add_argument(
+        "--low-vram", action="store_true", help="keep idle networks on the CPU, move each in for its turn"
+    )
+    memory.add_argument(
+        "--tile-vae", type=int, nargs="?", const=512, help="VAE in overlapping tiles of this many pixels (512)"
+    )
+    memory.add_argument("--attention-chunk", type=int, help="attend this many queries at a time (attention slicing)")
+    memory.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    memory.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster after)")
     return p.parse_args(argv)
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device on this machine; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -64,7 +76,17 @@ def pick_device(name: str) -> torch.device:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--dtype bf16: this GPU has no bfloat16 arithmetic; use --dtype fp16")
+    if dtype != torch.float32 and device.type == "mps":
+        try:
+            torch.ones(1, device=device, dtype=dtype) * 2
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--dtype {name}: not supported on this Mac's GPU; use --dtype fp32") from None
+    if dtype == torch.float16 and device.type == "cpu":
+        print("note: float16 on the CPU is emulated and slow; bf16 (or fp32) is faster there")
+    return dtype
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -77,6 +99,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.batch < 1:
         raise ValueError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
     make_sampler(args.sampler, karras=args.karras, eta=args.eta)
+    if args.tile_vae is not None and (args.tile_vae < 64 or args.tile_vae % 32):
+        raise ValueError(f"--tile-vae must be a multiple of 32, at least 64, got {args.tile_vae}")
     if args.init_image is not None:
         open_image(args.init_image)
     for flag, path in (("--ckpt", args.ckpt), ("--vae", args.vae)):
@@ -110,14 +134,20 @@ def infotext(settings: dict, index: int, model: str, hash_: str) -> str:
     per_prompt = settings["batch_size"]
     prompt, negative = settings["prompts"][index // per_prompt], settings["negative_prompts"][index // per_prompt]
     fields = {
-        "Steps": settings["steps"], "Sampler": settings["sampler"],
-        "Schedule type": "Karras" if settings["karras"] else None, "CFG scale": settings["cfg_scale"],
-        "Seed": settings["seed"], "Size": f"{settings['width']}x{settings['height']}", "Model hash": hash_,
-        "Model": model, "Denoising strength": settings.get("strength"),
+        "Steps": settings["steps"],
+        "Sampler": settings["sampler"],
+        "Schedule type": "Karras" if settings["karras"] else None,
+        "CFG scale": settings["cfg_scale"],
+        "Seed": settings["seed"],
+        "Size": f"{settings['width']}x{settings['height']}",
+        "Model hash": hash_,
+        "Model": model,
+        "Denoising strength": settings.get("strength"),
         "Clip skip": settings["clip_skip"] if settings["clip_skip"] > 1 else None,
         "Eta": settings.get("eta") or None,
-        "Batch size": per_prompt if per_prompt > 1 else None, "Batch pos": index % per_prompt if per_prompt > 1 else None,
-    }  # fmt: skip
+        "Batch size": per_prompt if per_prompt > 1 else None,
+        "Batch pos": index % per_prompt if per_prompt > 1 else None,
+    }
     lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
 
@@ -154,6 +184,18 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def tune(models, args: argparse.Namespace) -> None:
+    """The speed and memory options that change the networks (the rest are generate()'s)."""
+    from sd.attention import set_attention_chunk
+
+    for net in models.named().values():
+        set_attention_chunk(net, args.attention_chunk)
+        if args.channels_last:
+            net.to(memory_format=torch.channels_last)
+    if args.compile:
+        models.diffusion.compile()
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     from sd.model_loader import DEFAULT_CHECKPOINT, load_models
     from sd.pipeline import generate
@@ -166,20 +208,40 @@ def run(args: argparse.Namespace) -> list[Path]:
         if not checkpoint.is_file():
             raise ValueError(f"the built-in model {checkpoint} is missing; pass --ckpt with an SD v1.x checkpoint")
         print("built-in shapes model; pass --ckpt for SD v1.x")
-    models = load_models(checkpoint, device=device, dtype=dtype, ema=args.ema, vae=args.vae)
+    models = load_models(checkpoint, device="cpu" if args.low_vram else device, dtype=dtype, ema=args.ema, vae=args.vae)
+    tune(models, args)
     width = args.width or (None if args.init_image else models.image_size)
     height = args.height or (None if args.init_image else models.image_size)
     result = generate(
-        args.prompt, models, negative_prompt=args.negative, sampler=args.sampler, karras=args.karras, eta=args.eta,
-        steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=width, height=height, batch_size=args.batch,
-        init_image=args.init_image, strength=args.strength, clip_skip=args.clip_skip,
-    )  # fmt: skip
+        args.prompt,
+        models,
+        negative_prompt=args.negative,
+        sampler=args.sampler,
+        karras=args.karras,
+        eta=args.eta,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        width=width,
+        height=height,
+        batch_size=args.batch,
+        init_image=args.init_image,
+        strength=args.strength,
+        clip_skip=args.clip_skip,
+        device=device,
+        vae_tile=args.tile_vae,
+    )
     print(f"seed {result.seed}")
     name, hash_ = checkpoint.stem if checkpoint.is_file() else checkpoint.name, model_hash(checkpoint)
     settings = result.settings | {"eta": args.eta}
-    paths = [save_png(image, args.outdir, str(result.seed), infotext(settings, i, name, hash_)) for i, image in enumerate(result.images)]
+    paths = [
+        save_png(image, args.outdir, str(result.seed), infotext(settings, i, name, hash_))
+        for i, image in enumerate(result.images)
+    ]
     if len(result.images) > 1:
-        paths.append(save_png(grid(result.images), args.outdir, f"grid-{result.seed}", infotext(settings, 0, name, hash_)))
+        paths.append(
+            save_png(grid(result.images), args.outdir, f"grid-{result.seed}", infotext(settings, 0, name, hash_))
+        )
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -4,7 +4,7 @@ As diffusers' DDIMScheduler with SD v1.5's config (the last step lands on alpha_
 
 import torch
 
-from sd.samplers import TRAIN_STEPS, Sampler, leading_timesteps, noise
+from sd.samplers import TRAIN_STEPS, Sampler, leading_timesteps, noise_like
 
 
 class DDIM(Sampler):
@@ -20,7 +20,9 @@ class DDIM(Sampler):
         self.timesteps = torch.from_numpy(leading_timesteps(steps))
         self.stride = TRAIN_STEPS // steps
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         t = self.timesteps[i]
         prev = t - self.stride
         a_t = self.alphas_cumprod[t]
@@ -30,5 +32,5 @@ class DDIM(Sampler):
         std = self.eta * ((1 - a_prev) / beta_t * (1 - a_t / a_prev)) ** 0.5
         x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
         if self.eta > 0:
-            x_prev = x_prev + std * noise(eps, generator)
+            x_prev = x_prev + std * noise_like(eps, generator)
         return x_prev

@@ -3,7 +3,7 @@ with x_0 predicted from the noise estimate. Fresh noise at every step. As diffus
 
 import torch
 
-from sd.samplers import Sampler, leading_timesteps, noise
+from sd.samplers import Sampler, leading_timesteps, noise_like
 
 
 class DDPM(Sampler):
@@ -12,7 +12,9 @@ class DDPM(Sampler):
     def set_steps(self, steps: int) -> None:
         self.timesteps = torch.from_numpy(leading_timesteps(steps))
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         t = self.timesteps[i]
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[self.timesteps[i + 1]] if i + 1 < len(self.timesteps) else torch.tensor(1.0)
@@ -22,5 +24,5 @@ class DDPM(Sampler):
         mean = (a_prev**0.5 * beta / beta_t) * x0 + (alpha**0.5 * beta_prev / beta_t) * x
         if t > 0:
             variance = torch.clamp(beta_prev / beta_t * beta, min=1e-20)
-            mean = mean + variance**0.5 * noise(eps, generator)
+            mean = mean + variance**0.5 * noise_like(eps, generator)
         return mean

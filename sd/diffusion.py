@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from sd.attention import CrossAttention
@@ -64,9 +65,7 @@ class ResBlock(nn.Module):
             nn.Dropout(cfg.dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
+        self.skip_connection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
@@ -207,6 +206,12 @@ class UNet(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.gradient_checkpointing = False  # in training: keep no activations inside blocks, recompute them
+
+    def run(self, block: UNetBlock, *args, **kwargs) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """latents: [B, in_channels, h, w], timesteps: [B] or a scalar (int or float), context: [B, T, context_dim]
@@ -216,9 +221,11 @@ class UNet(nn.Module):
 
         h, skips = latents, []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = self.run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, size=skips[-1].shape[-2:] if skips else None)
+            h = self.run(
+                block, torch.cat([h, skips.pop()], dim=1), emb, context, size=skips[-1].shape[-2:] if skips else None
+            )
         return self.out(h)

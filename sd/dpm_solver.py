@@ -35,7 +35,9 @@ class DPMSolverPP2M(Sampler):
         alpha, sigma = alpha_sigma(self.sigmas[i].to(x0.device, x0.dtype))
         return alpha * x0 + sigma * noise
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         alpha_s, sigma_s = alpha_sigma(self.sigmas[i])
         x0 = (x - sigma_s * eps) / alpha_s
         alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
@@ -48,7 +50,11 @@ class DPMSolverPP2M(Sampler):
             alpha_r, sigma_r = alpha_sigma(self.sigmas[i - 1])
             r = ((torch.log(alpha_s) - torch.log(sigma_s)) - (torch.log(alpha_r) - torch.log(sigma_r))) / h
             d1 = (1.0 / r) * (x0 - self.previous_x0)
-            x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+            x_next = (
+                (sigma_t / sigma_s) * x
+                - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+                - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+            )
         self.previous_x0 = x0
         self.steps_taken += 1
         return x_next.to(eps.dtype)

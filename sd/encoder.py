@@ -32,6 +32,11 @@ class VAEConfig:
     def level_channels(self) -> list[int]:
         return [self.channels * m for m in self.channel_mult]
 
+    @property
+    def scale_factor(self) -> int:
+        """How many pixels per latent, along each side: 8 for SD v1."""
+        return 2 ** (len(self.channel_mult) - 1)
+
 
 class ResnetBlock(nn.Module):
     """x + F(x), F = two (GroupNorm, SiLU, 3x3 conv) stages; a 1x1 conv on the skip path when widths differ."""

@@ -6,7 +6,7 @@ As diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler."""
 
 import torch
 
-from sd.samplers import SigmaSampler, noise
+from sd.samplers import SigmaSampler, noise_like
 
 
 class Euler(SigmaSampler):
@@ -15,7 +15,9 @@ class Euler(SigmaSampler):
     def set_steps(self, steps: int) -> None:
         self.set_sigmas(steps)
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         sigma = self.sigmas[i]
         x = x.float()
         derivative = (x - (x - sigma * eps)) / sigma
@@ -29,11 +31,13 @@ class EulerAncestral(SigmaSampler):
     def set_steps(self, steps: int) -> None:
         self.set_sigmas(steps)
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x = x.float()
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         derivative = (x - (x - sigma * eps)) / sigma
         x = x + derivative * (sigma_down - sigma)
-        return (x + noise(eps, generator) * sigma_up).to(eps.dtype)
+        return (x + noise_like(eps, generator) * sigma_up).to(eps.dtype)

@@ -27,7 +27,9 @@ class LMS(SigmaSampler):
         integral = basis.integ()
         return float(integral(float(self.sigmas[i + 1])) - integral(float(self.sigmas[i])))
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         sigma = self.sigmas[i]
         self.derivatives = [*self.derivatives, (x - (x - sigma * eps)) / sigma][-self.order :]
         order = min(i + 1, self.order)

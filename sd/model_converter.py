@@ -26,13 +26,15 @@ READ_PREFIXES = LDM_PREFIXES + (("cond_stage_model.transformer.", "clip", ""),)
 
 # Keys the public files carry that no network reads, with the reason. Checked before the prefixes above.
 LDM_IGNORED = (
-    (r"betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
-     r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])",
-     "training noise-schedule buffers (the samplers compute their own)"),
+    (
+        r"betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+        r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])",
+        "training noise-schedule buffers (the samplers compute their own)",
+    ),
     (r"model_ema\.(decay|num_updates)", "EMA bookkeeping"),
     (r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids", "CLIP position ids (always 0..76)"),
     (r"(first_stage_model\.)?loss\..*", "the autoencoder's training loss (discriminator, LPIPS)"),
-)  # fmt: skip
+)
 EMA_PREFIX = "model_ema."
 UNUSED_EMA = "the UNet's EMA copy (pass ema=True / --ema to load it instead)"
 UNUSED_TRAINED = "the UNet's raw trained weights (the EMA copy was asked for)"
@@ -68,7 +70,7 @@ def from_ldm(state: dict[str, torch.Tensor], ema: bool = False) -> tuple[dict[st
             ema_weights[key] = tensor
         elif rule := next((r for r in READ_PREFIXES if key.startswith(r[0])), None):
             prefix, component, ours = rule
-            components.setdefault(component, {})[ours + key[len(prefix):]] = tensor
+            components.setdefault(component, {})[ours + key[len(prefix) :]] = tensor
         else:
             unknown.append(key)
     if ema_weights:
@@ -82,7 +84,9 @@ def from_ldm(state: dict[str, torch.Tensor], ema: bool = False) -> tuple[dict[st
         else:
             ignored |= dict.fromkeys(ema_weights, UNUSED_EMA)
     elif ema:
-        raise CheckpointError("this checkpoint carries no EMA copy of the UNet (only full training files do); drop --ema")
+        raise CheckpointError(
+            "this checkpoint carries no EMA copy of the UNet (only full training files do); drop --ema"
+        )
     if unknown:
         raise CheckpointError(f"{len(unknown)} keys of the checkpoint are not SD v1.x weights: {name_keys(unknown)}")
     return components, ignored
@@ -96,14 +100,17 @@ def to_ldm(components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Te
         rules = sorted((r for r in LDM_PREFIXES if r[1] == component), key=lambda r: -len(r[2]))
         for key, tensor in state.items():
             prefix, _, ours = next(r for r in rules if key.startswith(r[2]))
-            out[prefix + key[len(ours):]] = tensor
+            out[prefix + key[len(ours) :]] = tensor
     return out
 
 
 def from_ldm_vae(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, str]]:
     """A VAE-only file in the LDM layout (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, optionally
     under `first_stage_model.`), such as vae-ft-mse-840000-ema-pruned -> ({"encoder": ..., "decoder": ...}, ignored)."""
-    prefixed = {k if k.startswith("first_stage_model.") or _ignore_reason(k) else "first_stage_model." + k: v for k, v in state.items()}
+    prefixed = {
+        k if k.startswith("first_stage_model.") or _ignore_reason(k) else "first_stage_model." + k: v
+        for k, v in state.items()
+    }
     components, ignored = from_ldm(prefixed)
     if set(components) != {"encoder", "decoder"}:
         raise CheckpointError("not a VAE file: it needs the autoencoder's encoder and decoder weights, and only those")
@@ -112,17 +119,32 @@ def from_ldm_vae(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[
 
 # -- diffusers folders --------------------------------------------------------------------------------------------
 
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-               "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 # the VAE's attention as diffusers >= 0.14 names it, and as older diffusers folders do
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-                 "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # fmt: skip
+VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
 
 
 def indices(keys, prefix: str) -> list[int]:
     """The distinct integers n of keys that start with `prefix` + "n.", sorted."""
-    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
+    return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)})
 
 
 def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str, dict | None]], what: str) -> dict:
@@ -130,7 +152,7 @@ def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str, dict | N
     out, unknown = {}, []
     for key, tensor in state.items():
         rule = next((p for p in pairs if key.startswith(p[0])), None)
-        leaf = key[len(rule[0]):] if rule else ""
+        leaf = key[len(rule[0]) :] if rule else ""
         if rule and rule[2] is not None:
             name, _, param = leaf.rpartition(".")
             leaf = f"{rule[2][name]}.{param}" if name in rule[2] else None
@@ -139,7 +161,9 @@ def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str, dict | N
         else:
             out[rule[1] + leaf] = tensor
     if unknown:
-        raise CheckpointError(f"{len(unknown)} keys of the diffusers {what} are not SD v1.x weights: {name_keys(unknown)}")
+        raise CheckpointError(
+            f"{len(unknown)} keys of the diffusers {what} are not SD v1.x weights: {name_keys(unknown)}"
+        )
     return out
 
 
@@ -147,15 +171,23 @@ def from_diffusers_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """A diffusers UNet2DConditionModel state dict -> our UNet's names (`input_blocks`, `output_blocks`, ...)."""
     levels, res = len(indices(state, "down_blocks.")), len(indices(state, "down_blocks.0.resnets."))
     attention = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in state) for i in range(levels)]
-    pairs = [("conv_in.", "input_blocks.0.0.", None), ("time_embedding.linear_1.", "time_embed.0.", None),
-             ("time_embedding.linear_2.", "time_embed.2.", None), ("conv_norm_out.", "out.0.", None),
-             ("conv_out.", "out.2.", None), ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET),
-             ("mid_block.attentions.0.", "middle_block.1.", None), ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)]  # fmt: skip
+    pairs = [
+        ("conv_in.", "input_blocks.0.0.", None),
+        ("time_embedding.linear_1.", "time_embed.0.", None),
+        ("time_embedding.linear_2.", "time_embed.2.", None),
+        ("conv_norm_out.", "out.0.", None),
+        ("conv_out.", "out.2.", None),
+        ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET),
+        ("mid_block.attentions.0.", "middle_block.1.", None),
+        ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET),
+    ]
     block = 1
     for i in range(levels):
         for j in range(res):
-            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0.", UNET_RESNET),
-                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.", None)]  # fmt: skip
+            pairs += [
+                (f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0.", UNET_RESNET),
+                (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.", None),
+            ]
             block += 1
         if i < levels - 1:
             pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{block}.0.op.", None))
@@ -163,8 +195,10 @@ def from_diffusers_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for i in range(levels):  # up_blocks[i] works at level levels-1-i
         first = i * (res + 1)
         for j in range(res + 1):
-            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{first + j}.0.", UNET_RESNET),
-                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{first + j}.1.", None)]  # fmt: skip
+            pairs += [
+                (f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{first + j}.0.", UNET_RESNET),
+                (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{first + j}.1.", None),
+            ]
         upsample_slot = 2 if attention[levels - 1 - i] else 1
         pairs.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{first + res}.{upsample_slot}.conv.", None))
     return _rename(state, pairs, "UNet")
@@ -176,17 +210,26 @@ def from_diffusers_vae(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     levels, res = len(indices(state, "encoder.down_blocks.")), len(indices(state, "encoder.down_blocks.0.resnets."))
     pairs = [("quant_conv.", "encoder.quant_conv.", None), ("post_quant_conv.", "decoder.post_quant_conv.", None)]
     for part in ("encoder", "decoder"):
-        pairs += [(f"{part}.conv_in.", f"{part}.conv_in.", None), (f"{part}.conv_out.", f"{part}.conv_out.", None),
-                  (f"{part}.conv_norm_out.", f"{part}.norm_out.", None),
-                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET),
-                  (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
-                  (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION)]  # fmt: skip
+        pairs += [
+            (f"{part}.conv_in.", f"{part}.conv_in.", None),
+            (f"{part}.conv_out.", f"{part}.conv_out.", None),
+            (f"{part}.conv_norm_out.", f"{part}.norm_out.", None),
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION),
+        ]
     for i in range(levels):  # the decoder's up_blocks[i] works at level levels-1-i
-        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET) for j in range(res)]
-        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{levels - 1 - i}.block.{j}.", VAE_RESNET)
-                  for j in range(res + 1)]  # fmt: skip
-        pairs += [(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", None),
-                  (f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{levels - 1 - i}.upsample.conv.", None)]  # fmt: skip
+        pairs += [
+            (f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET) for j in range(res)
+        ]
+        pairs += [
+            (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{levels - 1 - i}.block.{j}.", VAE_RESNET)
+            for j in range(res + 1)
+        ]
+        pairs += [
+            (f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", None),
+            (f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{levels - 1 - i}.upsample.conv.", None),
+        ]
     out: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "decoder": {}}
     for key, tensor in _rename(state, pairs, "VAE").items():
         part, _, rest = key.partition(".")

@@ -70,7 +70,8 @@ def _load_pickle(path: Path, zipped: bool) -> object:
     except Exception as error:
         if culprit := re.search(r"GLOBAL ([\w.]+)", str(error)):
             raise CheckpointError(
-                f"{path}: refused: loading this pickle would call {culprit.group(1)}; sd reads only tensors from .ckpt files"
+                f"{path}: refused: loading this pickle would call {culprit.group(1)}; "
+                "sd reads only tensors from .ckpt files"
             ) from None
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(error).splitlines()[0][:100]})") from None
 
@@ -107,7 +108,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def identify(state: dict, metadata: dict[str, str], path: Path) -> str:
-    """"single-file" or "native"; anything else is refused with what it is."""
+    """ "single-file" or "native"; anything else is refused with what it is."""
     keys = list(state)
     if any("lora_" in k or ".lora." in k or k.endswith((".alpha", "lora_A.weight")) for k in keys):
         raise CheckpointError(f"{path}: a LoRA, not a checkpoint; sd loads whole SD v1.x checkpoints only")
@@ -119,15 +120,21 @@ def identify(state: dict, metadata: dict[str, str], path: Path) -> str:
         raise CheckpointError(f"{path}: an SDXL checkpoint; sd runs SD v1.x only")
     context = state.get("model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight")
     if any(k.startswith("cond_stage_model.model.") for k in keys) or (context is not None and context.shape[1] == 1024):
-        raise CheckpointError(f"{path}: an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide context); sd runs SD v1.x only")
+        raise CheckpointError(
+            f"{path}: an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide context); sd runs SD v1.x only"
+        )
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "single-file"
     if metadata.get("format") == NATIVE_FORMAT:
         return "native"
     if any(k.startswith(("encoder.conv_in.", "first_stage_model.encoder.")) for k in keys):
-        raise CheckpointError(f"{path}: a VAE-only file; load it with vae={str(path)!r} (--vae) next to a full SD v1.x checkpoint")
+        raise CheckpointError(
+            f"{path}: a VAE-only file; load it with vae={str(path)!r} (--vae) next to a full SD v1.x checkpoint"
+        )
     if "down_blocks.0.resnets.0.norm1.weight" in state or "text_model.embeddings.token_embedding.weight" in state:
-        raise CheckpointError(f"{path}: one network of a diffusers folder; pass the folder holding unet/, vae/, text_encoder/")
+        raise CheckpointError(
+            f"{path}: one network of a diffusers folder; pass the folder holding unet/, vae/, text_encoder/"
+        )
     raise CheckpointError(f"{path}: no Stable Diffusion weights in this file (keys such as {name_keys(keys, 3)})")
 
 
@@ -147,7 +154,9 @@ def infer_unet_config(state: dict[str, torch.Tensor], heads: int = 8) -> UNetCon
         in_channels=conv_in.shape[1],
         out_channels=state["out.2.weight"].shape[0],
         channels=channels,
-        channel_mult=tuple(state[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0] // channels for n in first_of_level),
+        channel_mult=tuple(
+            state[f"input_blocks.{n}.0.in_layers.2.weight"].shape[0] // channels for n in first_of_level
+        ),
         num_res_blocks=num_res_blocks,
         attention_levels=tuple(f"input_blocks.{n}.1.proj_in.weight" in state for n in first_of_level),
         heads=heads,
@@ -163,7 +172,9 @@ def infer_vae_config(encoder: dict[str, torch.Tensor], decoder: dict[str, torch.
         image_channels=conv_in.shape[1],
         latent_channels=decoder["post_quant_conv.weight"].shape[0],
         channels=channels,
-        channel_mult=tuple(encoder[f"down.{i}.block.0.conv1.weight"].shape[0] // channels for i in indices(encoder, "down.")),
+        channel_mult=tuple(
+            encoder[f"down.{i}.block.0.conv1.weight"].shape[0] // channels for i in indices(encoder, "down.")
+        ),
         num_res_blocks=len(indices(encoder, "down.0.block.")),
     )
 
@@ -188,10 +199,20 @@ def config_from_dict(cls, values: dict):
 # -- diffusers folders ------------------------------------------------------------------------------------------------
 
 WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "unet": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "vae": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}  # fmt: skip
+}
 
 
 def _read_json(path: Path) -> dict:
@@ -217,7 +238,9 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, dict], dict, Tokenize
         raise CheckpointError(f"{folder}: an SD 2.x diffusers folder (1024-wide context); sd runs SD v1.x only")
     clip, _ = from_transformers_clip(_read_weights(folder, "text_encoder"))
     tokenizer_folder = folder / "tokenizer"
-    tokenizer = Tokenizer.from_folder(tokenizer_folder) if (tokenizer_folder / "vocab.json").is_file() else default_tokenizer()
+    tokenizer = (
+        Tokenizer.from_folder(tokenizer_folder) if (tokenizer_folder / "vocab.json").is_file() else default_tokenizer()
+    )
     components = {
         "clip": clip,
         **from_diffusers_vae(_read_weights(folder, "vae")),
@@ -239,7 +262,9 @@ def read_vae(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     if "encoder.down_blocks.0.resnets.0.norm1.weight" in state:
         return from_diffusers_vae(state)
     if any(k.startswith("model.diffusion_model.") for k in state):
-        raise CheckpointError(f"{path}: a full checkpoint, not a VAE file; pass a VAE such as vae-ft-mse-840000-ema-pruned")
+        raise CheckpointError(
+            f"{path}: a full checkpoint, not a VAE file; pass a VAE such as vae-ft-mse-840000-ema-pruned"
+        )
     return from_ldm_vae(state)[0]
 
 
@@ -294,25 +319,29 @@ def build(components: dict[str, dict], configs: dict, device, dtype) -> dict[str
             "diffusion": UNet(configs["unet"]),
         }
     for name, net in nets.items():
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in components[name].items()}
+        state = {
+            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in components[name].items()
+        }
         load_component(net, state, name)
         net.eval()
     return nets
 
 
 def load_models(
-    path: str | Path,
+    path: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     ema: bool = False,
     vae: str | Path | None = None,
 ) -> Models:
-    """Everything SD v1.x needs from a checkpoint: a single file, a diffusers folder or our native file.
+    """Everything SD v1.x needs from a checkpoint: a single file, a diffusers folder or our native file; without
+    one, the built-in shapes model (weights/shapes.safetensors).
 
     ema: take the UNet's EMA copy from a full training file (default: the raw weights, as diffusers does).
     vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
     """
-    path = Path(path)
+    path = Path(DEFAULT_CHECKPOINT if path is None else path)
     tokenizer, hints, ignored, configs, image_size = default_tokenizer(), {}, {}, {}, 512
     if path.is_dir():
         components, hints, tokenizer = read_diffusers_folder(path)
@@ -325,9 +354,9 @@ def load_models(
             saved = json.loads(metadata.get("configs", "{}"))
             configs = {"clip": CLIPConfig, "vae": VAEConfig, "unet": UNetConfig}
             configs = {name: config_from_dict(cls, saved[name]) for name, cls in configs.items() if name in saved}
-            image_size = int(metadata.get("image_size", image_size))
         else:
             components, ignored = from_ldm(state, ema=ema)
+        image_size = int(metadata.get("image_size", image_size))
     if ema and layout != "single-file":
         raise CheckpointError(f"{path}: --ema applies to full single-file training checkpoints only")
     if vae is not None:

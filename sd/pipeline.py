@@ -7,6 +7,7 @@ posterior sample and the starting noise for image-to-image, the initial latents 
 stochastic sampler step's noise), always in float32 on the CPU, so a seed gives the same image on any device.
 """
 
+import contextlib
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from sd.model_loader import Models
-from sd.samplers import Sampler, make_sampler, noise
+from sd.samplers import Sampler, make_sampler, noise, noise_like
 
 LATENT_SCALE = 0.18215  # SD v1's latents are the VAE's posterior, scaled to unit variance by this factor
 OUTPUT_TYPES = ("pil", "tensor", "latent")
@@ -63,7 +64,10 @@ def image_to_tensor(image: Image.Image, width: int | None, height: int | None) -
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"init image is {image.width}x{image.height}; it needs at least 8x8 pixels")
     if size != image.size:
-        print(f"init image resized from {image.width}x{image.height} to {size[0]}x{size[1]} (sides must be multiples of 8)")
+        print(
+            f"init image resized from {image.width}x{image.height} to {size[0]}x{size[1]} "
+            "(sides must be multiples of 8)"
+        )
         image = image.resize(size, resample=Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
@@ -81,15 +85,81 @@ def encode_prompts(models: Models, prompts: list[str], clip_skip: int) -> torch.
     return models.clip(tokens, clip_skip=clip_skip)
 
 
-def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1]. SD's VAE can overflow in float16 (NaN, black images): then the decoder
-    moves to float32 for good, with a message, and decodes again."""
-    images = models.decoder(latents / LATENT_SCALE)
+def tiled(fn, x: torch.Tensor, tile: int, factor: float) -> torch.Tensor:
+    """fn applied to overlapping tile x tile windows of x [B, C, H, W] (overlap: a quarter tile), the outputs
+    blended with linear ramps across the overlaps so no seam shows. fn maps a window to `factor` times its size.
+    Memory then follows the tile, not the image."""
+    overlap = tile // 4
+
+    def origins(n: int) -> list[int]:
+        return sorted({min(p, max(n - tile, 0)) for p in range(0, max(n - tile, 0) + tile - overlap, tile - overlap)})
+
+    def ramp(start: int, length: int, n: int) -> torch.Tensor:
+        """1 inside; across each overlap that meets another tile, 0 for the outer quarter (where a tile's own edge
+        spoils its output) then rising linearly: the two tiles' weights sum to 1 everywhere in the overlap."""
+        out_len, out_overlap = int(length * factor), int(overlap * factor)
+        margin = out_overlap // 4
+        rise = ((torch.arange(out_overlap) - margin + 1) / (out_overlap - 2 * margin + 1)).clamp(0, 1)
+        weight = torch.ones(out_len)
+        if start > 0:
+            weight[:out_overlap] = rise
+        if start + length < n:
+            weight[-out_overlap:] = torch.minimum(weight[-out_overlap:], rise.flip(0))
+        return weight
+
+    h, w = x.shape[-2:]
+    out = total = None
+    for y in origins(h):
+        for x0 in origins(w):
+            window = x[..., y : y + tile, x0 : x0 + tile]
+            piece = fn(window)
+            weight = (ramp(y, window.shape[-2], h)[:, None] * ramp(x0, window.shape[-1], w)[None]).to(piece)
+            if out is None:
+                out = piece.new_zeros(*piece.shape[:2], int(h * factor), int(w * factor))
+                total = piece.new_zeros(int(h * factor), int(w * factor))
+            oy, ox = int(y * factor), int(x0 * factor)
+            out[..., oy : oy + piece.shape[-2], ox : ox + piece.shape[-1]] += piece * weight
+            total[oy : oy + piece.shape[-2], ox : ox + piece.shape[-1]] += weight
+    return out / total
+
+
+def encode(models: Models, images: torch.Tensor, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] -> the posterior's (mean, logvar), unscaled; `tile`: in tile x tile pixel windows."""
+    if tile is None or max(images.shape[-2:]) <= tile:
+        return models.encoder(images)
+    moments = tiled(lambda t: torch.cat(models.encoder(t), dim=1), images, tile, 1 / models.encoder.cfg.scale_factor)
+    return moments.chunk(2, dim=1)
+
+
+def decode(models: Models, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1]; `tile`: in tile x tile pixel windows. SD's VAE can overflow in float16
+    (NaN, black images): then the decoder moves to float32 for good, with a message, and decodes again."""
+    factor = models.encoder.cfg.scale_factor
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        if tile is None or max(z.shape[-2:]) * factor <= tile:
+            return models.decoder(z)
+        return tiled(models.decoder, z, tile // factor, factor)
+
+    images = run(latents / LATENT_SCALE)
     if not torch.isfinite(images).all() and latents.dtype == torch.float16:
         warnings.warn("the VAE decoder overflowed in float16; decoding in float32 from now on", stacklevel=3)
         models.decoder.float()
-        images = models.decoder(latents.float() / LATENT_SCALE)
+        images = run(latents.float() / LATENT_SCALE)
     return images
+
+
+@contextlib.contextmanager
+def placed(network: torch.nn.Module, device: torch.device):
+    """The network on `device` for the block's duration, then back where it was (low-VRAM offloading)."""
+    home = next(network.parameters()).device
+    if home != device:
+        network.to(device)
+    try:
+        yield network
+    finally:
+        if home != device:
+            network.to(home)
 
 
 @torch.inference_mode()
@@ -112,6 +182,8 @@ def generate(
     progress: bool = True,
     karras: bool = False,
     eta: float = 0.0,
+    device: str | torch.device | None = None,
+    vae_tile: int | None = None,
 ) -> Generated:
     """Images for a prompt (or a list of prompts, `batch_size` images each).
 
@@ -121,6 +193,8 @@ def generate(
     init_image: image-to-image from this image (a path or PIL image), noised as for `strength` of the steps (0
     keeps it, 1 starts from pure noise). latents: the initial noise, [B, 4, h, w], instead of drawing it.
     output_type: "pil", "tensor" ([B, 3, H, W] in [0, 1], on the CPU) or "latent" (final latents, undecoded).
+    device: where to compute (default: where the UNet is); a network kept elsewhere (say on the CPU, to save GPU
+    memory) is moved there for its turn only. vae_tile: encode and decode in overlapping tiles of this many pixels.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -132,26 +206,28 @@ def generate(
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
+        raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
     sampler = make_sampler(sampler, karras=karras, eta=eta) if isinstance(sampler, str) else sampler
     seed = random.randrange(2**32) if seed is None else seed
     generator = torch.Generator("cpu").manual_seed(seed)
     weight = models.diffusion.out[2].weight
-    device, dtype = weight.device, weight.dtype
+    device, dtype = torch.device(device) if device is not None else weight.device, weight.dtype
     total = len(prompts) * batch_size
-    if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
-        raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
 
     guided = cfg_scale > 1
-    context = encode_prompts(models, (negatives + prompts) if guided else prompts, clip_skip)
+    with placed(models.clip, device):
+        context = encode_prompts(models, (negatives + prompts) if guided else prompts, clip_skip)
     context = context.repeat_interleave(batch_size, dim=0)  # [negatives..., prompts...], each batch_size times
     sampler.set_steps(steps)
 
     if init_image is None:
         width, height = 512 if width is None else width, 512 if height is None else height
         check_size(width, height)
-        shape = (total, models.encoder.cfg.latent_channels, height // 8, width // 8)
+        factor = models.encoder.cfg.scale_factor
+        shape = (total, models.encoder.cfg.latent_channels, height // factor, width // factor)
         if latents is None:
-            latents = noise(weight, generator, shape)
+            latents = noise(shape, generator, device, dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         x, start = latents.to(device, dtype) * sampler.init_noise_sigma, 0
@@ -161,30 +237,41 @@ def generate(
         check_size(8 if width is None else width, 8 if height is None else height)  # the image's own are rounded down
         image = image_to_tensor(open_image(init_image), width, height).to(device, dtype)
         height, width = image.shape[-2:]
-        mean, logvar = models.encoder(image)
-        x0 = LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise(mean, generator))  # the posterior's sample
+        with placed(models.encoder, device):
+            mean, logvar = encode(models, image, vae_tile)
+        x0 = LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise_like(mean, generator))  # the posterior's sample
         x0 = x0.repeat(total, 1, 1, 1)
         start = steps - min(int(steps * strength), steps)  # diffusers' strength: the last strength * steps steps
-        x = sampler.add_noise(x0, noise(x0, generator), start) if start < len(sampler.timesteps) else x0
+        x = sampler.add_noise(x0, noise_like(x0, generator), start) if start < len(sampler.timesteps) else x0
 
-    for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
-        model_input = sampler.scale_input(torch.cat([x, x]) if guided else x, i)
-        eps = models.diffusion(model_input, sampler.timesteps[i], context)
-        if guided:
-            eps_negative, eps_prompt = eps.chunk(2)
-            eps = eps_negative + cfg_scale * (eps_prompt - eps_negative)
-        x = sampler.step(eps, i, x, generator)
+    with placed(models.diffusion, device):
+        for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
+            model_input = sampler.scale_input(torch.cat([x, x]) if guided else x, i)
+            eps = models.diffusion(model_input, sampler.timesteps[i], context)
+            if guided:
+                eps_negative, eps_prompt = eps.chunk(2)
+                eps = eps_negative + cfg_scale * (eps_prompt - eps_negative)
+            x = sampler.step(eps, i, x, generator)
 
     settings = {
-        "prompts": prompts, "negative_prompts": negatives, "sampler": sampler.label, "karras": sampler.karras,
-        "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
-        "clip_skip": clip_skip, "batch_size": batch_size,
-    }  # fmt: skip
+        "prompts": prompts,
+        "negative_prompts": negatives,
+        "sampler": sampler.label,
+        "karras": sampler.karras,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "clip_skip": clip_skip,
+        "batch_size": batch_size,
+    }
     if init_image is not None:
         settings["strength"] = strength
     if output_type == "latent":
         return Generated(x, seed, settings)
-    images = (decode(models, x) / 2 + 0.5).clamp(0, 1).float().cpu()
+    with placed(models.decoder, device):
+        images = (decode(models, x, vae_tile) / 2 + 0.5).clamp(0, 1).float().cpu()
     return Generated(to_pil(images) if output_type == "pil" else images, seed, settings)
 
 

@@ -20,7 +20,9 @@ class PLMS(Sampler):
         self.evaluations = 0
         self.first_sample: torch.Tensor | None = None
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         t = int(self.timesteps[i])
         prev = t - self.stride
         if self.evaluations == 1:  # the warm-up's second evaluation re-does the first jump from the first sample

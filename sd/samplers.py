@@ -3,7 +3,7 @@
 A sampler turns noise into an image's latents in `len(timesteps)` model evaluations:
 
     sampler.set_steps(steps)
-    x = noise * sampler.init_noise_sigma              # text-to-image; image-to-image: sampler.add_noise(x0, noise, start)
+    x = noise * sampler.init_noise_sigma    # image-to-image: x = sampler.add_noise(x0, noise, start)
     for i in range(start, len(sampler.timesteps)):
         eps = unet(sampler.scale_input(x, i), sampler.timesteps[i], context)
         x = sampler.step(eps, i, x, generator)
@@ -26,12 +26,15 @@ def alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def noise(like: torch.Tensor, generator: torch.Generator | None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like `like` (or `shape`), on its device and in its dtype, but drawn in float32
-    on the generator's device (the CPU for a CPU generator): a seed gives the same noise on every device, any dtype."""
-    device = generator.device if generator is not None else like.device
-    shape = like.shape if shape is None else shape
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+def noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """Standard normal noise on `device` in `dtype`, but always drawn in float32 on the generator's device (the
+    CPU for a CPU generator): a seed gives the same noise on every device and in every dtype."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device, dtype)
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return noise(x.shape, generator, x.device, x.dtype)
 
 
 def leading_timesteps(steps: int, offset: int = 1) -> np.ndarray:
@@ -47,7 +50,7 @@ def linspace_timesteps(steps: int) -> np.ndarray:
 def training_sigmas() -> np.ndarray:
     """sigma(t) = sqrt((1 - alpha_bar) / alpha_bar) for t = 0..999: the noise-to-signal ratio, float32."""
     a = alphas_cumprod()
-    return np.array(((1 - a) / a) ** 0.5)
+    return (((1 - a) / a) ** 0.5).numpy()
 
 
 def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -86,7 +89,9 @@ class Sampler:
     def scale_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return x
 
-    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def step(
+        self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
@@ -129,8 +134,15 @@ def samplers() -> dict[str, type[Sampler]]:
     from sd.lms import LMS
     from sd.plms import PLMS
 
-    return {"ddpm": DDPM, "ddim": DDIM, "plms": PLMS, "euler": Euler, "euler_a": EulerAncestral, "lms": LMS,
-            "dpmpp_2m": DPMSolverPP2M}  # fmt: skip
+    return {
+        "ddpm": DDPM,
+        "ddim": DDIM,
+        "plms": PLMS,
+        "euler": Euler,
+        "euler_a": EulerAncestral,
+        "lms": LMS,
+        "dpmpp_2m": DPMSolverPP2M,
+    }
 
 
 def make_sampler(name: str, karras: bool = False, eta: float = 0.0) -> Sampler:

@@ -52,20 +52,49 @@ WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f
 WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
 
 LIGATURES = str.maketrans(
-    {"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž", "Ǉ": "LJ",
-     "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi",
-     "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
-)  # fmt: skip
+    {
+        "Ĳ": "IJ",
+        "ĳ": "ij",
+        "ŉ": "ʼn",
+        "Ǳ": "DZ",
+        "ǲ": "Dz",
+        "ǳ": "dz",
+        "Ǆ": "DŽ",
+        "ǅ": "Dž",
+        "ǆ": "dž",
+        "Ǉ": "LJ",
+        "ǈ": "Lj",
+        "ǉ": "lj",
+        "Ǌ": "NJ",
+        "ǋ": "Nj",
+        "ǌ": "nj",
+        "ﬀ": "ff",
+        "ﬁ": "fi",
+        "ﬂ": "fl",
+        "ﬃ": "ffi",
+        "ﬄ": "ffl",
+        "ﬅ": "ſt",
+        "ﬆ": "st",
+    }
+)
 # full-width ASCII and half-width katakana/hangul -> their usual forms; the ideographic space -> a space
 WIDTH = str.maketrans(
     {0x3000: " "}
-    | {i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0) if unicodedata.normalize("NFKC", chr(i)) != chr(i)}
+    | {
+        i: unicodedata.normalize("NFKC", chr(i))
+        for i in range(0xFF01, 0xFFF0)
+        if unicodedata.normalize("NFKC", chr(i)) != chr(i)
+    }
 )
-CURLY_QUOTES = str.maketrans({c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"} | {c: '"' for c in "\u201c\u201d\u201e\u201f"})
+CURLY_QUOTES = str.maketrans(
+    {c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"} | {c: '"' for c in "\u201c\u201d\u201e\u201f"}
+)
 LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
 # C0 controls but tab, newline, form feed and carriage return; DEL; deprecated Arabic format controls; the BOM;
 # the interlinear annotation and object replacement characters
-CONTROL = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)])
+CONTROL = dict.fromkeys(
+    [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]
+)
 TERMINAL_ESCAPE = re.compile("\x1b\\[[\\d;]*[a-zA-Z]")
 SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -260,7 +289,9 @@ class Tokenizer:
         """Ids -> text, without the start/end tokens (the cleanup and lowercasing are not undone)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         text = "".join(self.tokens[i] for i in ids if i not in (self.start_id, self.end_id))
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        return (
+            bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        )
 
 
 @functools.cache

@@ -33,7 +33,12 @@ def public_key_shapes(inpainting: bool = False) -> dict[str, tuple[list[int], st
 def ldm_key_shapes(clip_cfg: CLIPConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> dict[str, tuple[list, str]]:
     """The public file's layout for any config: our modules' keys in public names, plus the public extras."""
     with torch.device("meta"):
-        nets = {"clip": CLIP(clip_cfg), "encoder": Encoder(vae_cfg), "decoder": Decoder(vae_cfg), "diffusion": UNet(unet_cfg)}
+        nets = {
+            "clip": CLIP(clip_cfg),
+            "encoder": Encoder(vae_cfg),
+            "decoder": Decoder(vae_cfg),
+            "diffusion": UNet(unet_cfg),
+        }
     weights = to_ldm({name: net.state_dict() for name, net in nets.items()})
     shapes = {key: ([1000], "float32") for key in SCHEDULE_KEYS}
     shapes |= {"model_ema.decay": ([], "float32"), "model_ema.num_updates": ([], "int32")}
@@ -49,10 +54,16 @@ def _schedule() -> dict[str, torch.Tensor]:
     a_prev = torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]])
     var = betas * (1 - a_prev) / (1 - a)
     values = {
-        "betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev, "sqrt_alphas_cumprod": a.sqrt(),
-        "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(), "log_one_minus_alphas_cumprod": (1 - a).log(),
-        "sqrt_recip_alphas_cumprod": a.rsqrt(), "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
-        "posterior_variance": var, "posterior_log_variance_clipped": var.clamp(min=1e-20).log(),
+        "betas": betas,
+        "alphas_cumprod": a,
+        "alphas_cumprod_prev": a_prev,
+        "sqrt_alphas_cumprod": a.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - a).log(),
+        "sqrt_recip_alphas_cumprod": a.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
+        "posterior_variance": var,
+        "posterior_log_variance_clipped": var.clamp(min=1e-20).log(),
         "posterior_mean_coef1": betas * a_prev.sqrt() / (1 - a),
         "posterior_mean_coef2": (1 - a_prev) * (1 - betas).sqrt() / (1 - a),
     }
@@ -68,7 +79,7 @@ def random_checkpoint(key_shapes: dict[str, tuple[list, str]], seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     schedule = _schedule()
     out = {}
-    for key, (shape, dtype) in key_shapes.items():
+    for key, (shape, _) in key_shapes.items():
         if key in schedule:
             out[key] = schedule[key]
         elif key.endswith("position_ids"):
@@ -90,7 +101,12 @@ def our_networks(checkpoint: dict[str, torch.Tensor], clip_cfg, vae_cfg, unet_cf
     """Our four networks, built on the meta device and given the checkpoint's tensors (shared, not copied)."""
     components, _ = from_ldm(checkpoint)
     with torch.device("meta"):
-        nets = {"clip": CLIP(clip_cfg), "encoder": Encoder(vae_cfg), "decoder": Decoder(vae_cfg), "diffusion": UNet(unet_cfg)}
+        nets = {
+            "clip": CLIP(clip_cfg),
+            "encoder": Encoder(vae_cfg),
+            "decoder": Decoder(vae_cfg),
+            "diffusion": UNet(unet_cfg),
+        }
     for name, net in nets.items():
         load_component(net, components[name], name)
         net.eval()
@@ -176,7 +192,9 @@ def reference_clip(checkpoint, clip_cfg: CLIPConfig, folder: Path):
 def _assert_fully_loaded(model: torch.nn.Module, converted: dict[str, torch.Tensor]) -> None:
     """diffusers loads non-strictly; make sure every reference weight came from our checkpoint, unchanged."""
     state = model.state_dict()
-    assert set(state) <= set(converted), f"reference weights not in the checkpoint: {sorted(set(state) - set(converted))[:5]}"
+    assert set(state) <= set(converted), (
+        f"reference weights not in the checkpoint: {sorted(set(state) - set(converted))[:5]}"
+    )
     for key, tensor in state.items():
         assert torch.equal(tensor, converted[key].reshape(tensor.shape).to(tensor.dtype)), f"reference {key} differs"
 
@@ -203,10 +221,15 @@ def random_diffusers_models(clip_cfg: CLIPConfig, vae_cfg: VAEConfig, unet_cfg: 
     """diffusers' UNet and VAE and transformers' CLIPTextModel for these configs (diffusers' own translation of the
     LDM yaml), with seeded random weights: (unet, vae, text_encoder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
     from transformers import CLIPTextModel
 
-    layout = {k: torch.empty(shape, device="meta") for k, (shape, _) in ldm_key_shapes(clip_cfg, vae_cfg, unet_cfg).items()}
+    layout = {
+        k: torch.empty(shape, device="meta") for k, (shape, _) in ldm_key_shapes(clip_cfg, vae_cfg, unet_cfg).items()
+    }
     yaml = original_config(vae_cfg, unet_cfg)
     unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(yaml, layout))
     vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(yaml, layout))
@@ -232,13 +255,24 @@ def clip_text_config(clip_cfg: CLIPConfig):
 
 
 SD15_SCHEDULER = {
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-    "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-}  # fmt: skip
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
 DIFFUSERS_SCHEDULERS = {
-    "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "plms": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-}  # fmt: skip
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "plms": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
 
 
 def diffusers_scheduler(name: str, karras: bool = False):
@@ -252,9 +286,8 @@ def diffusers_scheduler(name: str, karras: bool = False):
 def diffusers_tokenizer(folder: Path):
     """transformers' CLIPTokenizer from vocab.json/merges.txt derived from OpenAI's merges file (same ids as SD v1's
     on prompts that need no text fixes)."""
-    from transformers import CLIPTokenizer
-
     from make_tokenizer_golden import derive_hf_files
+    from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     derive_hf_files(folder)
@@ -266,7 +299,12 @@ def our_models(checkpoint: dict[str, torch.Tensor], clip_cfg, vae_cfg, unet_cfg)
     from sd.model_loader import Models
     from sd.tokenizer import default_tokenizer
 
-    return Models(default_tokenizer(), **our_networks(checkpoint, clip_cfg, vae_cfg, unet_cfg), source="memory", format="single-file")
+    return Models(
+        default_tokenizer(),
+        **our_networks(checkpoint, clip_cfg, vae_cfg, unet_cfg),
+        source="memory",
+        format="single-file",
+    )
 
 
 def diffusers_pipelines(checkpoint, clip_cfg, vae_cfg, unet_cfg, folder: Path):

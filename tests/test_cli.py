@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from reference import ldm_key_shapes, random_checkpoint
 from safetensors.torch import save_file
 
-from reference import ldm_key_shapes, random_checkpoint
 from sd.cli import main
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
@@ -37,25 +38,66 @@ def ckpt(tmp_path_factory):
 
 
 def demo(ckpt: Path, outdir: Path, *args: str) -> int:
-    return main(["a red circle", "--ckpt", str(ckpt), "--outdir", str(outdir), "-W", "64", "-H", "48", "--steps", "3", *args])
+    return main(
+        ["a red circle", "--ckpt", str(ckpt), "--outdir", str(outdir), "-W", "64", "-H", "48", "--steps", "3", *args]
+    )
 
 
 def test_png_carries_parameters_that_a1111_reads_back(ckpt, tmp_path, capsys):
-    assert demo(ckpt, tmp_path, "--seed", "42", "--negative", "blurry", "--sampler", "dpmpp_2m", "--karras", "--clip-skip", "2") == 0
+    assert (
+        demo(
+            ckpt,
+            tmp_path,
+            "--seed",
+            "42",
+            "--negative",
+            "blurry",
+            "--sampler",
+            "dpmpp_2m",
+            "--karras",
+            "--clip-skip",
+            "2",
+        )
+        == 0
+    )
     assert "seed 42" in capsys.readouterr().out
     (png,) = sorted(tmp_path.glob("*.png"))
     assert png.name == "00000-42.png" and Image.open(png).size == (64, 48)
     prompt, negative, fields = read_parameters(png)
     assert (prompt, negative) == ("a red circle", "blurry")
-    expected = {"Steps": "3", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7.5", "Seed": "42",
-                "Size": "64x48", "Model": "tiny-model", "Clip skip": "2"}  # fmt: skip
+    expected = {
+        "Steps": "3",
+        "Sampler": "DPM++ 2M",
+        "Schedule type": "Karras",
+        "CFG scale": "7.5",
+        "Seed": "42",
+        "Size": "64x48",
+        "Model": "tiny-model",
+        "Clip skip": "2",
+    }
     assert {k: fields[k] for k in expected} == expected
     assert re.fullmatch(r"[0-9a-f]{10}", fields["Model hash"])
 
 
 def test_image_to_image_records_its_denoising_strength(ckpt, tmp_path):
     Image.new("RGB", (40, 32), "blue").save(tmp_path / "init.png")
-    assert demo(ckpt, tmp_path / "out", "--init-image", str(tmp_path / "init.png"), "--strength", "0.6", "-W", "40", "-H", "32", "--seed", "1") == 0
+    assert (
+        demo(
+            ckpt,
+            tmp_path / "out",
+            "--init-image",
+            str(tmp_path / "init.png"),
+            "--strength",
+            "0.6",
+            "-W",
+            "40",
+            "-H",
+            "32",
+            "--seed",
+            "1",
+        )
+        == 0
+    )
     (png,) = (tmp_path / "out").glob("*.png")
     assert read_parameters(png)[2]["Denoising strength"] == "0.6" and Image.open(png).size == (40, 32)
 
@@ -73,30 +115,96 @@ def test_a_batch_gives_numbered_images_and_a_grid_and_nothing_is_overwritten(ckp
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["-W", "100"], "error: width must be a positive multiple of 8, got 100 (try 96 or 104)"),
-     (["--strength", "1.5", "--init-image", "x.png"], "error: --strength must be between 0 and 1, got 1.5"),
-     (["--init-image", "{tmp}/broken.png"], "error: init image {tmp}/broken.png: not a readable image"),
-     (["--init-image", "{tmp}/missing.png"], "error: init image {tmp}/missing.png: no such file"),
-     (["--sampler", "heun"], "error: argument --sampler: invalid choice: 'heun'"),
-     (["--ckpt", "{tmp}/missing.ckpt"], "error: --ckpt {tmp}/missing.ckpt: no such file or folder"),
-     (["--ckpt", "{tmp}/broken.png"], "error: {tmp}/broken.png: not a checkpoint"),
-     (["--sampler", "euler_a", "--karras"], "error: the Euler a sampler has no Karras schedule")],
-    ids=["size", "strength", "unreadable-image", "missing-image", "sampler", "missing-ckpt", "not-a-ckpt", "karras"],
-)  # fmt: skip
+    [
+        (["-W", "100"], "error: width must be a positive multiple of 8, got 100 (try 96 or 104)"),
+        (["--strength", "1.5", "--init-image", "x.png"], "error: --strength must be between 0 and 1, got 1.5"),
+        (["--init-image", "{tmp}/broken.png"], "error: init image {tmp}/broken.png: not a readable image"),
+        (["--init-image", "{tmp}/missing.png"], "error: init image {tmp}/missing.png: no such file"),
+        (["--sampler", "heun"], "error: argument --sampler: invalid choice: 'heun'"),
+        (["--ckpt", "{tmp}/missing.ckpt"], "error: --ckpt {tmp}/missing.ckpt: no such file or folder"),
+        (["--ckpt", "{tmp}/broken.png"], "error: {tmp}/broken.png: not a checkpoint"),
+        (["--sampler", "euler_a", "--karras"], "error: the Euler a sampler has no Karras schedule"),
+        (["--tile-vae", "100"], "error: --tile-vae must be a multiple of 32, at least 64, got 100"),
+        pytest.param(
+            ["--device", "cuda"],
+            "error: --device cuda: no CUDA device on this machine; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+    ids=[
+        "size",
+        "strength",
+        "unreadable-image",
+        "missing-image",
+        "sampler",
+        "missing-ckpt",
+        "not-a-ckpt",
+        "karras",
+        "tile",
+        "device",
+    ],
+)
 def test_bad_input_is_one_line_exit_code_2_and_writes_nothing(ckpt, tmp_path, args, message):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     ckpt_args = [] if "--ckpt" in args else ["--ckpt", str(ckpt)]
-    result = subprocess.run([sys.executable, str(ROOT / "demo.py"), "a cat", *ckpt_args, *args, "--outdir", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), "a cat", *ckpt_args, *args, "--outdir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(message.replace("{tmp}", str(tmp_path))) and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(message.replace("{tmp}", str(tmp_path))) and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
+def test_speed_and_memory_options_run(ckpt, tmp_path):
+    assert (
+        demo(
+            ckpt,
+            tmp_path,
+            "--seed",
+            "2",
+            "--tile-vae",
+            "64",
+            "--attention-chunk",
+            "16",
+            "--channels-last",
+            "--low-vram",
+        )
+        == 0
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["00000-2.png"]
+
+
 def test_python_m_sd_is_the_same_command(ckpt, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "sd", "a cat", "--ckpt", str(ckpt), "-W", "32", "-H", "32", "--steps", "1",
-                             "--seed", "3", "--outdir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sd",
+            "a cat",
+            "--ckpt",
+            str(ckpt),
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "--steps",
+            "1",
+            "--seed",
+            "3",
+            "--outdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "Euler a" in result.stderr, "tqdm progress over the steps"
     assert [p.name for p in tmp_path.iterdir()] == ["00000-3.png"]

@@ -10,22 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from make_tokenizer_golden import derive_hf_files
 from reference import (
     SCHEDULE_KEYS,
     assert_close,
     ldm_key_shapes,
     original_config,
-    our_networks,
     random_checkpoint,
     random_diffusers_models,
     reference_clip,
     reference_unet,
     reference_vae,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig
@@ -46,16 +45,24 @@ def inputs():
 def our_outputs(clip, encoder, decoder, diffusion) -> dict[str, torch.Tensor]:
     tokens, latents, images = inputs()
     context = clip(tokens)
-    return {"clip": context, "encoder": encoder(images)[0], "decoder": decoder(latents),
-            "diffusion": diffusion(latents, torch.tensor([321]), context)}  # fmt: skip
+    return {
+        "clip": context,
+        "encoder": encoder(images)[0],
+        "decoder": decoder(latents),
+        "diffusion": diffusion(latents, torch.tensor([321]), context),
+    }
 
 
 @torch.no_grad()
 def reference_outputs(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     tokens, latents, images = inputs()
     context = text_encoder(tokens).last_hidden_state
-    return {"clip": context, "encoder": vae.encode(images).latent_dist.mean, "decoder": vae.decode(latents).sample,
-            "diffusion": unet(latents, torch.tensor([321]), context).sample}  # fmt: skip
+    return {
+        "clip": context,
+        "encoder": vae.encode(images).latent_dist.mean,
+        "decoder": vae.decode(latents).sample,
+        "diffusion": unet(latents, torch.tensor([321]), context).sample,
+    }
 
 
 def assert_same_outputs(models, expected: dict[str, torch.Tensor], what: str):
@@ -69,8 +76,12 @@ def single_file_reference(checkpoint, tmp_path, unet_cfg=UNET_CFG, **kwargs):
     if kwargs:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_single_file(checkpoint, original_config=original_config(VAE_CFG, unet_cfg), **kwargs)
-    return reference_outputs(unet, reference_vae(checkpoint, VAE_CFG, unet_cfg), reference_clip(checkpoint, CLIP_CFG, tmp_path))
+        unet = UNet2DConditionModel.from_single_file(
+            checkpoint, original_config=original_config(VAE_CFG, unet_cfg), **kwargs
+        )
+    return reference_outputs(
+        unet, reference_vae(checkpoint, VAE_CFG, unet_cfg), reference_clip(checkpoint, CLIP_CFG, tmp_path)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +106,18 @@ def test_emaonly_safetensors_loads_as_diffusers_loads_it(checkpoint, tmp_path):
     unet = UNet2DConditionModel.from_single_file(str(path), original_config=yaml, local_files_only=True)
     vae = AutoencoderKL.from_single_file(str(path), original_config=yaml, local_files_only=True)
     models = load_models(path)
-    assert models.format == "single-file" and (models.clip.cfg, models.encoder.cfg, models.diffusion.cfg) == (CLIP_CFG, VAE_CFG, UNET_CFG)
+    assert models.format == "single-file" and (models.clip.cfg, models.encoder.cfg, models.diffusion.cfg) == (
+        CLIP_CFG,
+        VAE_CFG,
+        UNET_CFG,
+    )
     expected = reference_outputs(unet, vae, reference_clip(checkpoint, CLIP_CFG, tmp_path))
     assert_same_outputs(models, expected, "safetensors")
     assert set(models.ignored) == set(SCHEDULE_KEYS) | {
-        "model_ema.decay", "model_ema.num_updates", "cond_stage_model.transformer.text_model.embeddings.position_ids"
-    }  # fmt: skip
+        "model_ema.decay",
+        "model_ema.num_updates",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -116,10 +133,14 @@ def test_half_precision_files_load_in_the_dtype_asked_for(checkpoint, tmp_path, 
 
 @pytest.mark.parametrize(
     "wrap, legacy",
-    [(lambda s: {"state_dict": s, "global_step": 470000}, False), (lambda s: s, False),
-     (lambda s: {"state_dict": {"state_dict": s}}, False), (lambda s: {"state_dict": s}, True)],
+    [
+        (lambda s: {"state_dict": s, "global_step": 470000}, False),
+        (lambda s: s, False),
+        (lambda s: {"state_dict": {"state_dict": s}}, False),
+        (lambda s: {"state_dict": s}, True),
+    ],
     ids=["state_dict-wrapper", "bare", "nested-wrappers", "legacy-pickle"],
-)  # fmt: skip
+)
 def test_ckpt_pickles_load_with_or_without_wrappers(checkpoint, expected, tmp_path, wrap, legacy):
     torch.save(wrap(checkpoint), tmp_path / "model.ckpt", _use_new_zipfile_serialization=not legacy)
     assert_same_outputs(load_models(tmp_path / "model.ckpt"), expected, "ckpt")
@@ -129,7 +150,7 @@ def test_lightning_training_metadata_in_a_ckpt_is_read_without_running_anything(
     """sd-v1-1..4.ckpt hold PyTorch Lightning's checkpoint callback (keyed by its class) and numpy scalars."""
     script = f"""
 import sys, types, torch, numpy as np
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from reference import *
 module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
 class ModelCheckpoint: pass
@@ -140,7 +161,7 @@ for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__
 state = random_checkpoint(ldm_key_shapes(CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()), seed=21)
 torch.save({{"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2", "state_dict": state,
             "callbacks": {{ModelCheckpoint: {{"best_model_score": np.float64(0.5), "dirpath": "logs"}}}}}},
-           {str(tmp_path / 'lightning.ckpt')!r})
+           {str(tmp_path / "lightning.ckpt")!r})
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
     assert "pytorch_lightning" not in sys.modules
@@ -148,7 +169,14 @@ torch.save({{"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.
 
 
 def test_full_training_file_loads_the_raw_unet_by_default_and_the_ema_copy_on_request(checkpoint, expected, tmp_path):
-    ema_copy = random_checkpoint({k: v for k, v in ldm_key_shapes(CLIP_CFG, VAE_CFG, UNET_CFG).items() if k.startswith("model.diffusion_model.")}, seed=5)
+    ema_copy = random_checkpoint(
+        {
+            k: v
+            for k, v in ldm_key_shapes(CLIP_CFG, VAE_CFG, UNET_CFG).items()
+            if k.startswith("model.diffusion_model.")
+        },
+        seed=5,
+    )
     full = checkpoint | {"model_ema." + "".join(k.split(".")[1:]): v for k, v in ema_copy.items()}
     save_file(full, tmp_path / "full.safetensors")
     default = load_models(tmp_path / "full.safetensors")
@@ -225,11 +253,15 @@ def test_diffusers_folders_from_older_libraries_load_too(diffusers_models, tmp_p
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert_weights.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 @pytest.mark.parametrize("source_format", ["single-file", "diffusers"])
-def test_round_trip_through_convert_weights_gives_identical_outputs(checkpoint, diffusers_models, tmp_path, source_format):
+def test_round_trip_through_convert_weights_gives_identical_outputs(
+    checkpoint, diffusers_models, tmp_path, source_format
+):
     if source_format == "single-file":
         source = tmp_path / "model.safetensors"
         save_file(checkpoint, source)
@@ -274,6 +306,31 @@ def test_convert_weights_never_overwrites_without_force_and_leaves_nothing_on_fa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "native.safetensors"]
 
 
+def test_a_native_file_exports_to_the_public_single_file_layout(checkpoint, expected, tmp_path):
+    save_file(checkpoint, tmp_path / "model.safetensors")
+    assert (
+        convert(str(tmp_path / "model.safetensors"), str(tmp_path / "native.safetensors"), "--dtype", "fp32").returncode
+        == 0
+    )
+    result = convert(
+        str(tmp_path / "native.safetensors"),
+        str(tmp_path / "public.safetensors"),
+        "--dtype",
+        "fp32",
+        "--layout",
+        "single-file",
+    )
+    assert result.returncode == 0, result.stderr
+    with safe_open(tmp_path / "public.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == {
+        k for k in checkpoint if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+    } - {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
+    exported = load_models(tmp_path / "public.safetensors")
+    assert exported.format == "single-file"
+    assert_same_outputs(exported, expected, "native exported to the single-file layout")
+
+
 # -- a replacement VAE ------------------------------------------------------------------------------------------------
 
 
@@ -312,19 +369,38 @@ def some(shape=(4, 4)):
 
 
 REFUSALS = {
-    "sd2": ({"model.diffusion_model.input_blocks.0.0.weight": some(), "cond_stage_model.model.token_embedding.weight": some()},
-            r"an SD 2\.x checkpoint \(OpenCLIP text encoder, 1024-wide context\); sd runs SD v1\.x only"),
-    "sd2-context": ({"model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": some((1280, 1024))},
-                    r"an SD 2\.x checkpoint"),
-    "sdxl": ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": some((768,)),
-              "model.diffusion_model.label_emb.0.0.weight": some()}, r"an SDXL checkpoint; sd runs SD v1\.x only"),
-    "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": some(),
-              "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, r"a LoRA, not a checkpoint"),
+    "sd2": (
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": some(),
+            "cond_stage_model.model.token_embedding.weight": some(),
+        },
+        r"an SD 2\.x checkpoint \(OpenCLIP text encoder, 1024-wide context\); sd runs SD v1\.x only",
+    ),
+    "sd2-context": (
+        {"model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": some((1280, 1024))},
+        r"an SD 2\.x checkpoint",
+    ),
+    "sdxl": (
+        {
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": some((768,)),
+            "model.diffusion_model.label_emb.0.0.weight": some(),
+        },
+        r"an SDXL checkpoint; sd runs SD v1\.x only",
+    ),
+    "lora": (
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": some(),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        r"a LoRA, not a checkpoint",
+    ),
     "embedding": ({"emb_params": some((2, 768))}, r"a textual-inversion embedding, not a checkpoint"),
     "vae-only": (None, r"a VAE-only file; load it with vae=.*\(--vae\) next to a full SD v1\.x checkpoint"),
-    "unknown": ({"fc.weight": some(), "fc.bias": some((4,)), "head.weight": some(), "x.y": some(), "z.w": some()},
-                r"no Stable Diffusion weights in this file \(keys such as fc\.bias, fc\.weight, head\.weight and 2 more\)"),
-}  # fmt: skip
+    "unknown": (
+        {"fc.weight": some(), "fc.bias": some((4,)), "head.weight": some(), "x.y": some(), "z.w": some()},
+        r"no Stable Diffusion weights in this file \(keys such as fc\.bias, fc\.weight, head\.weight and 2 more\)",
+    ),
+}
 
 
 @pytest.mark.parametrize("kind", REFUSALS)
@@ -336,18 +412,32 @@ def test_what_is_not_sd_v1_is_refused_saying_what_it_is(tmp_path, kind):
 
 
 def test_an_a1111_embedding_pickle_is_refused_as_an_embedding(tmp_path):
-    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": some((2, 768))}, "name": "style",
-                "step": 3000, "sd_checkpoint": "abc", "sd_checkpoint_name": "v1-5"}, tmp_path / "style.pt")  # fmt: skip
+    torch.save(
+        {
+            "string_to_token": {"*": torch.tensor(265)},
+            "string_to_param": {"*": some((2, 768))},
+            "name": "style",
+            "step": 3000,
+            "sd_checkpoint": "abc",
+            "sd_checkpoint_name": "v1-5",
+        },
+        tmp_path / "style.pt",
+    )
     with pytest.raises(CheckpointError, match="a textual-inversion embedding"):
         load_models(tmp_path / "style.pt")
 
 
 @pytest.mark.parametrize(
     "config, message",
-    [({"cross_attention_dim": 1024, "use_linear_projection": True}, r"an SD 2\.x diffusers folder \(1024-wide context\)"),
-     ({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, r"an SDXL diffusers folder")],
+    [
+        (
+            {"cross_attention_dim": 1024, "use_linear_projection": True},
+            r"an SD 2\.x diffusers folder \(1024-wide context\)",
+        ),
+        ({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, r"an SDXL diffusers folder"),
+    ],
     ids=["sd2", "sdxl"],
-)  # fmt: skip
+)
 def test_sd2_and_sdxl_diffusers_folders_are_refused(tmp_path, config, message):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
@@ -369,7 +459,9 @@ def test_a_missing_file_is_a_one_line_error(tmp_path):
         load_models(tmp_path / "nothing.safetensors")
 
 
-@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + bytes(100), b"hello, world\n", b""], ids=["png", "text", "empty"])
+@pytest.mark.parametrize(
+    "content", [b"\x89PNG\r\n\x1a\n" + bytes(100), b"hello, world\n", b""], ids=["png", "text", "empty"]
+)
 def test_files_that_are_no_checkpoint_at_all_are_refused(tmp_path, content):
     (tmp_path / "model.ckpt").write_bytes(content)
     with pytest.raises(CheckpointError, match=r"not a checkpoint \(neither a safetensors file nor a PyTorch pickle\)"):
@@ -401,5 +493,7 @@ def test_unknown_and_missing_keys_are_errors_that_name_them(checkpoint, tmp_path
         load_models(tmp_path / "extra.safetensors")
     missing = {k: v for k, v in checkpoint.items() if k != "first_stage_model.decoder.conv_out.bias"}
     save_file(missing, tmp_path / "missing.safetensors")
-    with pytest.raises(CheckpointError, match=r"the decoder weights do not fit the decoder network: missing conv_out\.bias"):
+    with pytest.raises(
+        CheckpointError, match=r"the decoder weights do not fit the decoder network: missing conv_out\.bias"
+    ):
         load_models(tmp_path / "missing.safetensors")

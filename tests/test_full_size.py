@@ -4,12 +4,10 @@ and width are proven on every run within a couple of minutes."""
 
 import gc
 
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 from PIL import Image
-
 from reference import (
     assert_close,
     diffusers_pipelines,
@@ -22,6 +20,7 @@ from reference import (
     reference_unet,
     reference_vae,
 )
+
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig
@@ -95,9 +94,24 @@ def test_full_size_text_to_image_and_image_to_image_match_diffusers(checkpoint, 
         "img2img": ({"init_image": image, "strength": 0.7}, {"image": image, "strength": 0.7}, 1),
     }
     for what, (our_kwargs, their_kwargs, pipeline) in runs.items():
-        ours = generate(PROMPT, models, negative_prompt="blurry", sampler=name, steps=3, seed=2024,
-                        output_type="latent", progress=False, **our_kwargs)  # fmt: skip
+        ours = generate(
+            PROMPT,
+            models,
+            negative_prompt="blurry",
+            sampler=name,
+            steps=3,
+            seed=2024,
+            output_type="latent",
+            progress=False,
+            **our_kwargs,
+        )
         pipelines[pipeline].scheduler = diffusers_scheduler(name)
-        expected = pipelines[pipeline](PROMPT, negative_prompt="blurry", num_inference_steps=3, output_type="latent",
-                                       generator=torch.Generator().manual_seed(2024), **their_kwargs).images  # fmt: skip
+        expected = pipelines[pipeline](
+            PROMPT,
+            negative_prompt="blurry",
+            num_inference_steps=3,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(2024),
+            **their_kwargs,
+        ).images
         assert_close(ours.images, expected, f"full-size {what} with {name}")

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from reference import ldm_key_shapes, random_checkpoint
 from safetensors.torch import save_file
 
-from reference import ldm_key_shapes, random_checkpoint
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig

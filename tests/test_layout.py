@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from reference import SCHEDULE_KEYS, ldm_key_shapes, public_key_shapes
+
 from sd.clip import CLIP, CLIPConfig
 from sd.decoder import Decoder
 from sd.diffusion import UNet, UNetConfig

@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from reference import (
     assert_close,
     ldm_key_shapes,
@@ -16,6 +15,7 @@ from reference import (
     reference_unet,
     reference_vae,
 )
+
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig
@@ -82,7 +82,9 @@ def test_inpainting_unet_with_nine_input_channels_matches_diffusers():
     assert_close(out, ref(latents, timesteps, context).sample, "inpainting UNet")
 
 
-@pytest.mark.parametrize("image_shape", [(1, 3, 64, 64), (2, 3, 64, 48), (1, 3, 72, 104)], ids=["square", "batch2", "odd-latent"])
+@pytest.mark.parametrize(
+    "image_shape", [(1, 3, 64, 64), (2, 3, 64, 48), (1, 3, 72, 104)], ids=["square", "batch2", "odd-latent"]
+)
 @torch.no_grad()
 def test_vae_encoder_gives_the_same_posterior_as_diffusers(ours, ref_vae, image_shape):
     (images,) = inputs(4, image_shape)
@@ -175,7 +177,13 @@ def norm_layers(model: torch.nn.Module) -> list[tuple]:
 def test_normalization_layers_and_epsilons_are_the_references(ours, ref_unet, ref_vae, ref_clip):
     """Epsilons move outputs by less than the parity tolerance on random inputs, so they are compared directly."""
     vae = torch.nn.ModuleList([ours["encoder"], ours["decoder"]])
-    for what, mine, ref in [("UNet", ours["diffusion"], ref_unet), ("VAE", vae, ref_vae), ("CLIP", ours["clip"], ref_clip)]:
+    for what, mine, ref in [
+        ("UNet", ours["diffusion"], ref_unet),
+        ("VAE", vae, ref_vae),
+        ("CLIP", ours["clip"], ref_clip),
+    ]:
         only_ours = Counter(norm_layers(mine)) - Counter(norm_layers(ref))
         only_ref = Counter(norm_layers(ref)) - Counter(norm_layers(mine))
-        assert not only_ours and not only_ref, f"{what} norm layers: ours has {dict(only_ours)}, reference {dict(only_ref)}"
+        assert not only_ours and not only_ref, (
+            f"{what} norm layers: ours has {dict(only_ours)}, reference {dict(only_ref)}"
+        )

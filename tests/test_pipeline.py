@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from reference import (
     assert_close,
     diffusers_pipelines,
@@ -14,6 +13,7 @@ from reference import (
     our_models,
     random_checkpoint,
 )
+
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig
@@ -21,8 +21,18 @@ from sd.pipeline import generate
 
 CFGS = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse on mars", "blurry, low quality"
-SAMPLERS = [("ddpm", False), ("ddim", False), ("plms", False), ("euler", False), ("euler", True), ("euler_a", False),
-            ("lms", False), ("lms", True), ("dpmpp_2m", False), ("dpmpp_2m", True)]  # fmt: skip
+SAMPLERS = [
+    ("ddpm", False),
+    ("ddim", False),
+    ("plms", False),
+    ("euler", False),
+    ("euler", True),
+    ("euler_a", False),
+    ("lms", False),
+    ("lms", True),
+    ("dpmpp_2m", False),
+    ("dpmpp_2m", True),
+]
 IDS = [f"{name}{'-karras' if karras else ''}" for name, karras in SAMPLERS]
 
 
@@ -54,10 +64,33 @@ def run_diffusers(pipeline, name, karras, seed, **kwargs):
 
 @pytest.mark.parametrize("name, karras", SAMPLERS, ids=IDS)
 def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
-    ours = generate(PROMPT, models, negative_prompt=NEGATIVE, sampler=name, karras=karras, steps=5, seed=1234,
-                    width=64, height=48, batch_size=2, output_type="latent", progress=False)  # fmt: skip
-    expected = run_diffusers(pipelines[0], name, karras, 1234, prompt=PROMPT, negative_prompt=NEGATIVE,
-                             num_inference_steps=5, height=48, width=64, num_images_per_prompt=2, output_type="latent")  # fmt: skip
+    ours = generate(
+        PROMPT,
+        models,
+        negative_prompt=NEGATIVE,
+        sampler=name,
+        karras=karras,
+        steps=5,
+        seed=1234,
+        width=64,
+        height=48,
+        batch_size=2,
+        output_type="latent",
+        progress=False,
+    )
+    expected = run_diffusers(
+        pipelines[0],
+        name,
+        karras,
+        1234,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=5,
+        height=48,
+        width=64,
+        num_images_per_prompt=2,
+        output_type="latent",
+    )
     assert ours.seed == 1234
     assert_close(ours.images, expected, f"txt2img {name} karras={karras} latents")
 
@@ -65,65 +98,193 @@ def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelin
 @pytest.mark.parametrize("name, karras", SAMPLERS, ids=IDS)
 def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
     image = init_image()
-    ours = generate(PROMPT, models, negative_prompt=NEGATIVE, sampler=name, karras=karras, steps=6, seed=77,
-                    init_image=image, strength=0.6, output_type="latent", progress=False)  # fmt: skip
-    expected = run_diffusers(pipelines[1], name, karras, 77, prompt=PROMPT, negative_prompt=NEGATIVE, image=image,
-                             strength=0.6, num_inference_steps=6, output_type="latent")  # fmt: skip
+    ours = generate(
+        PROMPT,
+        models,
+        negative_prompt=NEGATIVE,
+        sampler=name,
+        karras=karras,
+        steps=6,
+        seed=77,
+        init_image=image,
+        strength=0.6,
+        output_type="latent",
+        progress=False,
+    )
+    expected = run_diffusers(
+        pipelines[1],
+        name,
+        karras,
+        77,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=image,
+        strength=0.6,
+        num_inference_steps=6,
+        output_type="latent",
+    )
     assert_close(ours.images, expected, f"img2img {name} karras={karras} latents")
 
 
 def test_decoded_images_match_diffusers_pixels(models, pipelines):
-    ours = generate([PROMPT, "a red circle"], models, negative_prompt=["", "square"], sampler="dpmpp_2m", steps=4,
-                    seed=9, width=48, height=64, output_type="tensor", progress=False)  # fmt: skip
-    expected = run_diffusers(pipelines[0], "dpmpp_2m", False, 9, prompt=[PROMPT, "a red circle"], negative_prompt=["", "square"],
-                             num_inference_steps=4, height=64, width=48, output_type="pt")  # fmt: skip
+    ours = generate(
+        [PROMPT, "a red circle"],
+        models,
+        negative_prompt=["", "square"],
+        sampler="dpmpp_2m",
+        steps=4,
+        seed=9,
+        width=48,
+        height=64,
+        output_type="tensor",
+        progress=False,
+    )
+    expected = run_diffusers(
+        pipelines[0],
+        "dpmpp_2m",
+        False,
+        9,
+        prompt=[PROMPT, "a red circle"],
+        negative_prompt=["", "square"],
+        num_inference_steps=4,
+        height=64,
+        width=48,
+        output_type="pt",
+    )
     assert ours.images.shape == (2, 3, 64, 48)
     assert_close(ours.images, expected, "decoded images in [0, 1]")
-    pil = generate([PROMPT, "a red circle"], models, negative_prompt=["", "square"], sampler="dpmpp_2m", steps=4, seed=9,
-                   width=48, height=64, progress=False).images  # fmt: skip
-    reference_pil = run_diffusers(pipelines[0], "dpmpp_2m", False, 9, prompt=[PROMPT, "a red circle"],
-                                  negative_prompt=["", "square"], num_inference_steps=4, height=64, width=48)  # fmt: skip
+    pil = generate(
+        [PROMPT, "a red circle"],
+        models,
+        negative_prompt=["", "square"],
+        sampler="dpmpp_2m",
+        steps=4,
+        seed=9,
+        width=48,
+        height=64,
+        progress=False,
+    ).images
+    reference_pil = run_diffusers(
+        pipelines[0],
+        "dpmpp_2m",
+        False,
+        9,
+        prompt=[PROMPT, "a red circle"],
+        negative_prompt=["", "square"],
+        num_inference_steps=4,
+        height=64,
+        width=48,
+    )
     for a, b in zip(pil, reference_pil):
-        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1, "8-bit pixels differ by more than 1"
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1, (
+            "8-bit pixels differ by more than 1"
+        )
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
 def test_image_to_image_strength_follows_diffusers(models, pipelines, strength):
     image = init_image(56, 40, seed=8)
-    ours = generate(PROMPT, models, sampler="ddim", steps=10, seed=3, init_image=image, strength=strength,
-                    output_type="latent", progress=False)  # fmt: skip
+    ours = generate(
+        PROMPT,
+        models,
+        sampler="ddim",
+        steps=10,
+        seed=3,
+        init_image=image,
+        strength=strength,
+        output_type="latent",
+        progress=False,
+    )
     if strength == 0:  # diffusers cannot run zero steps; ours returns the image's own latents
-        mean, _ = models.encoder(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None])
+        mean, _ = models.encoder(
+            torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        )
         assert ours.images.shape == mean.shape
         return
-    expected = run_diffusers(pipelines[1], "ddim", False, 3, prompt=PROMPT, image=image, strength=strength,
-                             num_inference_steps=10, output_type="latent")  # fmt: skip
+    expected = run_diffusers(
+        pipelines[1],
+        "ddim",
+        False,
+        3,
+        prompt=PROMPT,
+        image=image,
+        strength=strength,
+        num_inference_steps=10,
+        output_type="latent",
+    )
     assert_close(ours.images, expected, f"img2img strength {strength}")
 
 
 def test_given_latents_no_guidance_and_ddim_eta_match_diffusers(models, pipelines):
     latents = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(2))
-    ours = generate(PROMPT, models, sampler="ddim", eta=0.7, cfg_scale=1.0, steps=5, seed=5, width=64, height=48,
-                    latents=latents, output_type="latent", progress=False)  # fmt: skip
-    expected = run_diffusers(pipelines[0], "ddim", False, 5, prompt=PROMPT, eta=0.7, guidance_scale=1.0, latents=latents,
-                             num_inference_steps=5, height=48, width=64, output_type="latent")  # fmt: skip
+    ours = generate(
+        PROMPT,
+        models,
+        sampler="ddim",
+        eta=0.7,
+        cfg_scale=1.0,
+        steps=5,
+        seed=5,
+        width=64,
+        height=48,
+        latents=latents,
+        output_type="latent",
+        progress=False,
+    )
+    expected = run_diffusers(
+        pipelines[0],
+        "ddim",
+        False,
+        5,
+        prompt=PROMPT,
+        eta=0.7,
+        guidance_scale=1.0,
+        latents=latents,
+        num_inference_steps=5,
+        height=48,
+        width=64,
+        output_type="latent",
+    )
     assert_close(ours.images, expected, "given latents, cfg 1, ddim eta 0.7")
 
 
 def test_clip_skip_applies_to_the_prompt_and_the_negative_prompt(models, pipelines):
     """As A1111 does; diffusers' own clip_skip leaves the negative prompt unskipped, so it gets both embeddings."""
-    ours = generate(PROMPT, models, negative_prompt=NEGATIVE, clip_skip=2, sampler="euler", steps=3, seed=6,
-                    width=32, height=32, output_type="latent", progress=False)  # fmt: skip
+    ours = generate(
+        PROMPT,
+        models,
+        negative_prompt=NEGATIVE,
+        clip_skip=2,
+        sampler="euler",
+        steps=3,
+        seed=6,
+        width=32,
+        height=32,
+        output_type="latent",
+        progress=False,
+    )
     with torch.no_grad():
         tokens = models.tokenizer([PROMPT, NEGATIVE])
         embeds = models.clip(tokens, clip_skip=2)
-    expected = run_diffusers(pipelines[0], "euler", False, 6, prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:],
-                             num_inference_steps=3, height=32, width=32, output_type="latent")  # fmt: skip
+    expected = run_diffusers(
+        pipelines[0],
+        "euler",
+        False,
+        6,
+        prompt_embeds=embeds[:1],
+        negative_prompt_embeds=embeds[1:],
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        output_type="latent",
+    )
     assert_close(ours.images, expected, "clip skip 2")
 
 
 def test_a_seed_gives_the_same_images_again_and_none_draws_a_fresh_one(models):
-    run = lambda seed: generate("a cat", models, steps=2, seed=seed, width=32, height=32, output_type="latent", progress=False)  # noqa: E731
+    run = lambda seed: generate(
+        "a cat", models, steps=2, seed=seed, width=32, height=32, output_type="latent", progress=False
+    )
     first, again = run(42), run(42)
     assert torch.equal(first.images, again.images)
     unseeded = run(None)
@@ -132,15 +293,17 @@ def test_a_seed_gives_the_same_images_again_and_none_draws_a_fresh_one(models):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"width": 500}, r"width must be a positive multiple of 8, got 500 \(try 496 or 504\)"),
-     ({"height": 0}, r"height must be a positive multiple of 8, got 0"),
-     ({"init_image": init_image(), "strength": 1.5}, r"strength must be between 0 and 1, got 1.5"),
-     ({"sampler": "k_heun"}, r"unknown sampler 'k_heun'"),
-     ({"output_type": "np"}, r"output_type must be one of pil, tensor, latent"),
-     ({"init_image": "/nonexistent.png"}, r"init image /nonexistent.png: no such file"),
-     ({"latents": torch.zeros(1, 4, 8, 8), "width": 32}, r"latents must have shape \(1, 4, 64, 4\)")],
+    [
+        ({"width": 500}, r"width must be a positive multiple of 8, got 500 \(try 496 or 504\)"),
+        ({"height": 0}, r"height must be a positive multiple of 8, got 0"),
+        ({"init_image": init_image(), "strength": 1.5}, r"strength must be between 0 and 1, got 1.5"),
+        ({"sampler": "k_heun"}, r"unknown sampler 'k_heun'"),
+        ({"output_type": "np"}, r"output_type must be one of pil, tensor, latent"),
+        ({"init_image": "/nonexistent.png"}, r"init image /nonexistent.png: no such file"),
+        ({"latents": torch.zeros(1, 4, 8, 8), "width": 32}, r"latents must have shape \(1, 4, 64, 4\)"),
+    ],
     ids=["width", "height", "strength", "sampler", "output-type", "init-image", "latents"],
-)  # fmt: skip
+)
 def test_bad_arguments_are_one_line_errors(models, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate("a cat", models, steps=1, progress=False, **kwargs)

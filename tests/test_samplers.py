@@ -3,14 +3,22 @@ model outputs in, the same latents out after every step, for text-to-image and i
 
 import pytest
 import torch
-
 from reference import assert_close, diffusers_scheduler
+
 from sd.samplers import make_sampler
 
 CASES = [
-    ("ddpm", False), ("ddim", False), ("plms", False), ("euler", False), ("euler", True), ("euler_a", False),
-    ("lms", False), ("lms", True), ("dpmpp_2m", False), ("dpmpp_2m", True),
-]  # fmt: skip
+    ("ddpm", False),
+    ("ddim", False),
+    ("plms", False),
+    ("euler", False),
+    ("euler", True),
+    ("euler_a", False),
+    ("lms", False),
+    ("lms", True),
+    ("dpmpp_2m", False),
+    ("dpmpp_2m", True),
+]
 
 
 def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
@@ -93,7 +101,9 @@ def test_ddim_with_eta_draws_the_same_noise_as_diffusers(eta):
 
 
 def test_unknown_sampler_karras_and_eta_misuse_are_refused():
-    with pytest.raises(ValueError, match="unknown sampler 'heun'; choose one of ddpm, ddim, plms, euler, euler_a, lms, dpmpp_2m"):
+    with pytest.raises(
+        ValueError, match="unknown sampler 'heun'; choose one of ddpm, ddim, plms, euler, euler_a, lms, dpmpp_2m"
+    ):
         make_sampler("heun")
     with pytest.raises(ValueError, match="the Euler a sampler has no Karras schedule"):
         make_sampler("euler_a", karras=True)

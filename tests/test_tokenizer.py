@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from make_tokenizer_golden import MOJIBAKE, corpus, derive_hf_files
+
 from sd.tokenizer import BPE_FILE, WHITESPACE, Tokenizer, default_tokenizer, fix_text, pretokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "tokenizer_golden.json").read_text())
@@ -49,7 +49,10 @@ def mismatches(tokenizer) -> list[str]:
     [
         ("a photo of a cat", [320, 1125, 539, 320, 2368]),
         ("a photo of an astronaut riding a horse on mars", [320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496]),
-        ("Apple CoreML developer tools on a Macbook Air are fast", [3055, 19622, 5780, 10929, 5771, 525, 320, 20617, 1922, 631, 1953]),
+        (
+            "Apple CoreML developer tools on a Macbook Air are fast",
+            [3055, 19622, 5780, 10929, 5771, 525, 320, 20617, 1922, 631, 1953],
+        ),
         ("", []),
     ],
 )
@@ -108,7 +111,8 @@ def test_character_classes_agree_with_the_regex_package():
     """For every code point Python's Unicode tables assign, our pattern splits it as the reference's regex does."""
     regex = pytest.importorskip("regex")
     reference = regex.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        regex.IGNORECASE,
     )
     ours = pretokenizer()
     assigned = (chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co"))
@@ -138,9 +142,15 @@ def test_transformers5_rust_tokenizer_agrees_where_sd_v1s_rules_do_not_matter(hf
     merges = [tuple(line.split()) for line in (hf_folder / "merges.txt").read_text().strip().split("\n")[1:]]
     rust = CLIPTokenizer(vocab=vocab, merges=merges)
     known = ("Σ", "\u0345", "'ſ", "<|ENDOFTEXT|>", "<|STARTOFTEXT|>", "&")
-    checked = [e for e in ENTRIES if ftfy.fix_text(e["prompt"]) == e["prompt"] and not any(k in e["prompt"] for k in known)]
+    checked = [
+        e for e in ENTRIES if ftfy.fix_text(e["prompt"]) == e["prompt"] and not any(k in e["prompt"] for k in known)
+    ]
     assert len(checked) > 500
-    bad = [e["prompt"] for e in checked if rust(e["prompt"], padding="max_length", max_length=77, truncation=True).input_ids != e["ids"]]
+    bad = [
+        e["prompt"]
+        for e in checked
+        if rust(e["prompt"], padding="max_length", max_length=77, truncation=True).input_ids != e["ids"]
+    ]
     assert not bad, f"{len(bad)} prompts differ, first: {bad[:3]!r}"
 
 
@@ -162,7 +172,9 @@ def test_truncation_warns_once_per_prompt_naming_what_was_dropped():
 
 
 def test_decode_gives_back_the_cleaned_text(tokenizer):
-    assert tokenizer.decode(tokenizer("A photo of an  Astronaut, “riding”!")[0]) == 'a photo of an astronaut , " riding "!'
+    assert (
+        tokenizer.decode(tokenizer("A photo of an  Astronaut, “riding”!")[0]) == 'a photo of an astronaut , " riding "!'
+    )
 
 
 def test_a_modified_merges_file_is_refused(tmp_path):

@@ -1,0 +1,295 @@
+"""The synthetic world of the built-in model: coloured shapes on coloured backgrounds, their captions, and the
+deterministic judge that reads an image back into (colour, shape, mask).
+
+Images are 64x64: one circle, square, triangle, star or cross, small, medium or large, at one of nine places, in
+one of eight colours on a background of another; captions say some or all of it ("a small red circle on a blue
+background, top left").
+"""
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+SIDES = {"small": 20, "medium": 28, "large": 38}
+PLACES = {
+    "top left": (0, 0),
+    "top center": (1, 0),
+    "top right": (2, 0),
+    "middle left": (0, 1),
+    "center": (1, 1),
+    "middle right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom center": (1, 2),
+    "bottom right": (2, 2),
+}
+UNLIKE = 40  # RGB distance that no two palette colours are closer than twice (yellow-orange: 83)
+SUPERSAMPLE = 4  # shapes are drawn 4x larger and shrunk, for anti-aliased edges
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+    size: str
+    place: str
+    jitter: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def side(self) -> float:
+        return SIDES[self.size]
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """Columns and rows of the 3x3 grid of places, kept inside the image for every size."""
+        margin = self.side / 2 + 3
+        col, row = PLACES[self.place]
+        positions = np.linspace(margin, SIZE - margin, 3)
+        return positions[col] + self.jitter[0], positions[row] + self.jitter[1]
+
+
+def outline(shape: str, center: tuple[float, float], side: float) -> list[tuple[float, float]] | None:
+    """The polygon of a shape filling a side x side square around `center` (None for the circle)."""
+    cx, cy = center
+    r = side / 2
+    if shape == "circle":
+        return None
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "star":  # five points, inner radius half the outer, centred in its box
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.5 * r)
+        offset = r * (1 - np.cos(np.pi / 5)) / 2  # the star is shorter below than above: centre its height
+        return [(cx + q * np.cos(a), cy - q * np.sin(a) + offset) for q, a in zip(radii, angles)]
+    if shape == "cross":
+        t = side / 6  # half the arm width: arms a third of the side wide
+        return [
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
+        ]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def coverage(shape: str, center: tuple[float, float], side: float) -> np.ndarray:
+    """[64, 64] float in [0, 1]: how much of each pixel the shape covers."""
+    big = Image.new("L", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(big)
+    scaled = (center[0] * SUPERSAMPLE, center[1] * SUPERSAMPLE)
+    points = outline(shape, scaled, side * SUPERSAMPLE)
+    if points is None:
+        r = side * SUPERSAMPLE / 2
+        draw.ellipse([scaled[0] - r, scaled[1] - r, scaled[0] + r, scaled[1] + r], fill=255)
+    else:
+        draw.polygon(points, fill=255)
+    return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
+
+
+def render(scene: Scene) -> Image.Image:
+    alpha = coverage(scene.shape, scene.center, scene.side)[..., None]
+    pixels = alpha * np.array(COLORS[scene.color]) + (1 - alpha) * np.array(COLORS[scene.background])
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    color, background = rng.choice(list(COLORS), size=2, replace=False)
+    return Scene(
+        shape=str(rng.choice(SHAPES)),
+        color=str(color),
+        background=str(background),
+        size=str(rng.choice(list(SIDES))),
+        place=str(rng.choice(list(PLACES))),
+        jitter=tuple(float(j) for j in rng.uniform(-2, 2, size=2)),
+    )
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """Some or all of what the scene is, in a few phrasings, so that short prompts are in the training data too."""
+    size = f"{scene.size} " if rng.random() < 0.5 else ""
+    background = f" on {article(scene.background)} {scene.background} background" if rng.random() < 0.7 else ""
+    place = f", {scene.place}" if rng.random() < 0.5 else ""
+    return f"{article(size or scene.color)} {size}{scene.color} {scene.shape}{background}{place}"
+
+
+def describe(scene: Scene) -> str:
+    """All of the scene, as the longest captions say it: "a small red circle on a blue background, top left"."""
+    return f"{article(scene.size)} {scene.size} {scene.color} {scene.shape} on {article(scene.background)} " + (
+        f"{scene.background} background, {scene.place}"
+    )
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# -- the judge ----------------------------------------------------------------------------------------------------
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a bool mask (labels spread as the minimum over neighbours until stable)."""
+    labels = np.where(mask, np.arange(mask.size).reshape(mask.shape), mask.size)
+    while True:
+        padded = np.pad(labels, 1, constant_values=mask.size)
+        spread = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        spread = np.where(mask, spread, mask.size)
+        if (spread == labels).all():
+            break
+        labels = spread
+    ids, counts = np.unique(labels[mask], return_counts=True)
+    return labels == ids[np.argmax(counts)] if len(ids) else mask
+
+
+def foreground(image: Image.Image) -> np.ndarray:
+    """[64, 64] bool: the shape, as the largest connected region of pixels nearer the shape's colour than the
+    background's. Colours by 2-means on RGB, seeded with the border's median colour (the background) and the mean
+    of the largest region clearly unlike it, so that a generated image's stray specks do not count as the shape."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    flat = pixels.reshape(-1, 3)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.sqrt(((flat - background) ** 2).sum(1))
+    unlike = largest_blob((distance > min(0.5 * distance.max(), UNLIKE)).reshape(SIZE, SIZE)).reshape(-1)
+    shape = flat[unlike].mean(0)
+    for _ in range(10):
+        near_shape = ((flat - shape) ** 2).sum(1) < ((flat - background) ** 2).sum(1)
+        if not near_shape.any() or near_shape.all():
+            break
+        shape, background = flat[near_shape].mean(0), flat[~near_shape].mean(0)
+    return largest_blob(near_shape.reshape(SIZE, SIZE))
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    return min(COLORS, key=lambda name: float(((np.array(COLORS[name]) - rgb) ** 2).sum()))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def fit_template(shape: str, mask: np.ndarray) -> np.ndarray:
+    """The shape drawn so that its bounding box is the mask's (percentiles, so stray pixels do not stretch it)."""
+    rows, cols = np.nonzero(mask)
+    top, bottom = np.percentile(rows, [1, 99]) + [0, 1]
+    left, right = np.percentile(cols, [1, 99]) + [0, 1]
+    unit = coverage(shape, (SIZE / 2, SIZE / 2), SIZE / 2) > 0.5  # the template's own box at side 32
+    u_rows, u_cols = np.nonzero(unit)
+    u_h, u_w = u_rows.max() + 1 - u_rows.min(), u_cols.max() + 1 - u_cols.min()
+    side = (SIZE / 2) * max((bottom - top) / u_h, (right - left) / u_w)
+    u_cy, u_cx = (u_rows.min() + u_rows.max() + 1) / 2 - SIZE / 2, (u_cols.min() + u_cols.max() + 1) / 2 - SIZE / 2
+    scale = side / (SIZE / 2)
+    center = ((left + right) / 2 - u_cx * scale, (top + bottom) / 2 - u_cy * scale)
+    return coverage(shape, center, side) > 0.5
+
+
+def judge(image: Image.Image) -> tuple[str, str, np.ndarray]:
+    """(colour name, shape name, foreground mask) of an image of one shape: the colour nearest the foreground's
+    mean, the shape whose fitted template overlaps the foreground most."""
+    mask = foreground(image)
+    if mask.sum() < 4:
+        return "none", "none", mask
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    color = nearest_color(pixels[mask].mean(0))
+    shape = max(SHAPES, key=lambda s: iou(fit_template(s, mask), mask))
+    return color, shape, mask
+
+
+# -- the evaluation protocol (tests and bench/shapes.py) -------------------------------------------------------------
+
+NAMES = list(COLORS)
+
+
+def evaluation_prompts() -> list[tuple[str, str, str]]:
+    """80 (prompt, colour, shape): every colour with every shape, each on two backgrounds."""
+    cases = []
+    for i, color in enumerate(NAMES):
+        for shape in SHAPES:
+            for background in (NAMES[(i + 1) % len(NAMES)], NAMES[(i + 4) % len(NAMES)]):
+                cases.append(
+                    (f"{article(color)} {color} {shape} on {article(background)} {background} background", color, shape)
+                )
+    return cases
+
+
+def evaluate_text_to_image(
+    models, cfg_scale: float = 7.5, seed: int = 0, prompted: bool = True, **kwargs
+) -> dict[str, float]:
+    """Fractions of the 80 evaluation prompts whose image the judge reads as the prompt's colour, and shape.
+    prompted=False generates from the empty prompt instead: the score of chance, for comparison."""
+    from sd.pipeline import generate
+
+    cases = evaluation_prompts()
+    images = generate(
+        [p if prompted else "" for p, _, _ in cases],
+        models,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        width=SIZE,
+        height=SIZE,
+        progress=False,
+        **kwargs,
+    ).images
+    verdicts = [judge(image)[:2] for image in images]
+    return {
+        "colour": float(np.mean([v[0] == c for v, (_, c, _) in zip(verdicts, cases)])),
+        "shape": float(np.mean([v[1] == s for v, (_, _, s) in zip(verdicts, cases)])),
+    }
+
+
+def recolouring_cases() -> list[tuple[Scene, str]]:
+    """40 (scene, new colour): every shape in every colour, at varied sizes and places, to be recoloured."""
+    cases, sizes, places = [], list(SIDES), list(PLACES)
+    for i, color in enumerate(NAMES):
+        for j, shape in enumerate(SHAPES):
+            background = NAMES[(i + 3) % len(NAMES)]
+            candidates = [c for c in NAMES if c not in (color, background)]
+            new = candidates[(i + j) % len(candidates)]
+            scene = Scene(shape, color, background, sizes[(i + j) % len(sizes)], places[(i * 5 + j) % len(places)])
+            cases.append((scene, new))
+    return cases
+
+
+def evaluate_recolouring(models, strength: float = 0.6, seed: int = 0, **kwargs) -> dict[str, float]:
+    """Image-to-image with a re-colouring prompt (the input's full description with the new colour): how often the
+    shape stays in place (foreground IoU >= 0.6 with the input's), takes the new colour, and both."""
+    from sd.pipeline import generate
+
+    kept, recoloured = [], []
+    for k, (scene, new) in enumerate(recolouring_cases()):
+        prompt = describe(replace(scene, color=new))
+        source = render(scene)
+        (image,) = generate(
+            prompt, models, init_image=source, strength=strength, seed=seed + k, progress=False, **kwargs
+        ).images
+        color, _, mask = judge(image)
+        kept.append(iou(mask, foreground(source)) >= 0.6)
+        recoloured.append(color == new)
+    return {
+        "in place": float(np.mean(kept)),
+        "new colour": float(np.mean(recoloured)),
+        "both": float(np.mean(np.logical_and(kept, recoloured))),
+    }

@@ -1,0 +1,414 @@
+"""Training and fine-tuning latent diffusion: `python -m sd.train ...` (`--help` lists the options).
+
+Stage 1, `vae`: the autoencoder, on L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)). Afterwards its latents
+are rescaled (inside its first and last 1x1 convolutions) to SD v1's convention: standard deviation 1 / 0.18215,
+so the pipeline's one scaling factor fits every model.
+Stage 2, `diffusion`: the UNet (and, trained from scratch, the text encoder) on the frozen autoencoder's latents,
+minimising ||eps - eps_theta(z_t, t, c)||^2 with z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps, t uniform over SD v1's 1000
+training steps, and 10% of captions replaced by "" so that classifier-free guidance works.
+
+Both: AdamW, gradient clipping, EMA weights (what gets exported), a fixed seed, a checkpoint every `--save-every`
+steps that `--resume` continues from exactly, a tqdm bar with the loss, a loss log (`loss.log` in the run folder),
+mixed precision on CUDA and gradient checkpointing on request.
+
+    python -m sd.train --data shapes --run runs/shapes --export weights/shapes.safetensors     # the built-in model
+    python -m sd.train --data my_images/ --init sd15.safetensors --run runs/mine --steps 2000 --export mine.safetensors
+
+A data folder holds images with captions beside them (`cat.png` + `cat.txt`).
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from sd.clip import CLIP, CLIPConfig
+from sd.decoder import Decoder
+from sd.diffusion import UNet, UNetConfig
+from sd.encoder import Encoder, VAEConfig
+from sd.model_loader import Models, load_models, native_metadata
+from sd.pipeline import LATENT_SCALE
+from sd.samplers import alphas_cumprod
+from sd.tokenizer import default_tokenizer
+
+# The built-in model: every kind of SD v1 block, small enough to train on two CPU cores in under two hours. Its VAE
+# downsamples 4x, not 8x: 64x64 images need 16x16 latents to keep a star a star. Its heads follow SD v1's conventions
+# (8 in the UNet, 64-wide in CLIP), so its single-file export loads like any SD v1 file.
+SHAPES_CONFIGS = {
+    "clip": CLIPConfig(width=128, layers=3, heads=2, mlp_width=512),
+    "vae": VAEConfig(channels=32, channel_mult=(1, 1, 2), num_res_blocks=1),  # 4x: 16x16x4 latents
+    "unet": UNetConfig(
+        channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128
+    ),
+}
+
+
+TINY_CONFIGS = {"clip": CLIPConfig.tiny(), "vae": VAEConfig.tiny(), "unet": UNetConfig.tiny()}
+
+
+@dataclass
+class Settings:
+    """One stage's hyper-parameters."""
+
+    stage: str = "diffusion"  # "vae" or "diffusion"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 200  # steps of linear learning-rate warm-up, at most a tenth of the run
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    kl_weight: float = 1e-5
+    edge_weight: float = 5.0  # reconstruction errors near edges count up to 11x: flat areas dominate otherwise
+    train_text_encoder: bool = False
+    seed: int = 0
+    save_every: int = 500
+    mixed_precision: bool = False
+    gradient_checkpointing: bool = False
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+class ShapesData:
+    """The synthetic shapes, drawn afresh for every batch (see sd/shapes.py)."""
+
+    image_size = 64
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+        from sd.shapes import caption, random_scene, render
+
+        scenes = [random_scene(rng) for _ in range(n)]
+        images = np.stack([np.asarray(render(scene)) for scene in scenes])
+        return to_tensor(images), [caption(scene, rng) for scene in scenes]
+
+
+class FolderData:
+    """Images with a caption file beside each (`x.png` + `x.txt`), resized and centre-cropped to a square."""
+
+    def __init__(self, folder: Path, image_size: int):
+        self.image_size = image_size
+        self.items = [
+            (p, p.with_suffix(".txt"))
+            for p in sorted(folder.iterdir())
+            if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and p.with_suffix(".txt").is_file()
+        ]
+        if not self.items:
+            raise ValueError(f"{folder}: no images with captions (expected pairs such as cat.png + cat.txt)")
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+        picks = [self.items[i] for i in rng.integers(len(self.items), size=n)]
+        images = np.stack([np.asarray(self.square(Image.open(p).convert("RGB"))) for p, _ in picks])
+        return to_tensor(images), [t.read_text().strip() for _, t in picks]
+
+    def square(self, image: Image.Image) -> Image.Image:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        return image.crop((left, top, left + side, top + side)).resize((self.image_size,) * 2, Image.LANCZOS)
+
+
+def edges(images: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W]: the largest colour step to a neighbouring pixel, spread over 3x3 (0 in flat areas, up to 2)."""
+    dx = F.pad((images[..., :, 1:] - images[..., :, :-1]).abs(), (0, 1, 0, 0))
+    dy = F.pad((images[..., 1:, :] - images[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return F.max_pool2d(torch.maximum(dx, dy).amax(dim=1, keepdim=True), 3, stride=1, padding=1)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# -- the run: models, optimiser, EMA, checkpoints --------------------------------------------------------------------
+
+
+class EMA:
+    """An exponential moving average of parameters, with the usual warm-up: decay min(d, (1 + n) / (10 + n))."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, module in modules.items():
+            for ema, p in zip(self.shadow[name].parameters(), module.parameters()):
+                ema.lerp_(p.detach(), 1 - decay)
+
+
+class Trainer:
+    def __init__(self, models: Models, settings: Settings, data, run: Path, device: torch.device):
+        self.models, self.settings, self.data, self.run, self.device = models, settings, data, run, device
+        if settings.stage == "vae":
+            self.trained = {"encoder": models.encoder, "decoder": models.decoder}
+        else:
+            self.trained = {"diffusion": models.diffusion} | (
+                {"clip": models.clip} if settings.train_text_encoder else {}
+            )
+        for net in models.named().values():
+            net.requires_grad_(False).eval()
+        for net in self.trained.values():
+            net.requires_grad_(True).train()
+        models.diffusion.gradient_checkpointing = settings.gradient_checkpointing
+        params = [p for net in self.trained.values() for p in net.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.ema = EMA(self.trained, settings.ema_decay)
+        self.step = 0
+        self.data_rng = np.random.default_rng(settings.seed)
+        self.noise_rng = torch.Generator().manual_seed(settings.seed)
+        self.alphas_cumprod = alphas_cumprod().to(device)
+        self.autocast = settings.mixed_precision and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and not torch.cuda.is_bf16_supported())
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then a cosine decay to a tenth of the learning rate at the last step."""
+        progress = min(step / max(self.settings.steps, 1), 1.0)
+        warmup = max(1, min(self.settings.warmup, self.settings.steps // 10))
+        return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+    # checkpoints hold only tensors, numbers and strings: they load with the weights-only unpickler
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "settings": dataclasses.asdict(self.settings),
+            "trained": {n: m.state_dict() for n, m in self.trained.items()},
+            "ema": {n: m.state_dict() for n, m in self.ema.shadow.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data_rng": json.dumps(self.data_rng.bit_generator.state),
+            "noise_rng": self.noise_rng.get_state(),
+        }
+        tmp = self.run / f"{self.settings.stage}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.run / f"{self.settings.stage}.pt")
+
+    def resume(self) -> None:
+        state = torch.load(self.run / f"{self.settings.stage}.pt", map_location=self.device, weights_only=True)
+        self.step = state["step"]
+        for name, module in self.trained.items():
+            module.load_state_dict(state["trained"][name])
+            self.ema.shadow[name].load_state_dict(state["ema"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data_rng.bit_generator.state = json.loads(state["data_rng"])
+        self.noise_rng.set_state(state["noise_rng"])
+        self.forget_logged_steps_after(self.step)
+
+    def forget_logged_steps_after(self, step: int) -> None:
+        """An interrupted run logged steps that its last checkpoint does not hold: they are trained again."""
+        log = self.run / "loss.log"
+        if log.exists():
+            lines = log.read_text().splitlines(keepends=True)
+            stale = lambda line: line.startswith(f"{self.settings.stage},") and int(line.split(",")[1]) > step
+            log.write_text("".join(line for line in lines if not stale(line)))
+
+    def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        randn = lambda like: torch.randn(like.shape, generator=self.noise_rng).to(like)
+        if self.settings.stage == "vae":
+            mean, logvar = self.models.encoder(images)
+            z = mean + torch.exp(0.5 * logvar) * randn(mean)
+            kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+            weight = 1 + self.settings.edge_weight * edges(images)
+            error = ((self.models.decoder(z) - images).abs() * weight).mean() / weight.mean()
+            return error + self.settings.kl_weight * kl
+        with torch.no_grad():
+            mean, logvar = self.models.encoder(images)
+            z0 = LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * randn(mean))
+        dropped = torch.rand(len(captions), generator=self.noise_rng) < self.settings.caption_dropout
+        captions = ["" if drop else c for c, drop in zip(captions, dropped)]
+        with torch.set_grad_enabled(self.settings.train_text_encoder):
+            context = self.models.clip(self.models.tokenizer(captions).to(self.device))
+        t = torch.randint(0, len(self.alphas_cumprod), (len(captions),), generator=self.noise_rng).to(self.device)
+        a = self.alphas_cumprod[t][:, None, None, None]
+        eps = randn(z0)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        return F.mse_loss(self.models.diffusion(z_t, t, context).float(), eps)
+
+    def train(self, log) -> None:
+        s = self.settings
+        bar = tqdm(total=s.steps, initial=self.step, desc=s.stage, dynamic_ncols=True)
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        started = time.time()
+        while self.step < s.steps:
+            images, captions = self.data.batch(self.data_rng, s.batch_size)
+            with torch.autocast("cuda", dtype=dtype, enabled=self.autocast):
+                loss = self.loss(images.to(self.device), captions)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for m in self.trained.values() for p in m.parameters()], s.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.schedule.step()
+            self.ema.update(self.trained, self.step)
+            self.step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(f"{s.stage},{self.step},{loss.item():.6f},{time.time() - started:.1f}\n")
+            if self.step % s.save_every == 0 or self.step == s.steps:
+                log.flush()
+                self.save()
+        bar.close()
+
+    def use_ema(self) -> None:
+        """Puts the EMA weights into the models (what is exported and evaluated)."""
+        for name, module in self.trained.items():
+            module.load_state_dict(self.ema.shadow[name].state_dict())
+            module.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def normalise_latents(models: Models, data, rng: np.random.Generator, batches: int = 8) -> float:
+    """Rescales the encoder's output (and the decoder's input to match) so that latents have SD v1's standard
+    deviation, 1 / LATENT_SCALE; returns the factor. The autoencoder's function is unchanged."""
+    means = torch.cat(
+        [models.encoder(data.batch(rng, 32)[0].to(models.encoder.conv_in.weight.device))[0] for _ in range(batches)]
+    )
+    factor = (1 / LATENT_SCALE) / means.std().item()
+    quant, post = models.encoder.quant_conv, models.decoder.post_quant_conv
+    half = quant.out_channels // 2
+    quant.weight[:half] *= factor  # mean
+    quant.bias[:half] *= factor
+    quant.bias[half:] += 2 * math.log(factor)  # log-variance
+    post.weight /= factor
+    return factor
+
+
+def fresh_models(configs: dict, device: torch.device) -> Models:
+    torch.manual_seed(0)
+    with torch.device(device):
+        nets = {
+            "clip": CLIP(configs["clip"]),
+            "encoder": Encoder(configs["vae"]),
+            "decoder": Decoder(configs["vae"]),
+            "diffusion": UNet(configs["unet"]),
+        }
+    return Models(default_tokenizer(), **nets, source="from scratch", format="fresh")
+
+
+def export(models: Models, path: Path, command: str, dtype: torch.dtype = torch.float16) -> None:
+    """The native file (configs, image size and the training command in its metadata), written atomically."""
+    from safetensors.torch import save_file
+
+    from sd.model_converter import to_native
+
+    state = to_native(
+        {n: {k: v.to(dtype).contiguous() for k, v in net.state_dict().items()} for n, net in models.named().items()}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, tmp, metadata=native_metadata(models, dtype=str(dtype).removeprefix("torch."), command=command))
+    tmp.replace(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sd.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help='"shapes" (synthetic) or a folder of images with .txt captions')
+    p.add_argument("--run", type=Path, required=True, help="folder for checkpoints and loss.log")
+    p.add_argument("--init", type=Path, help="start from this checkpoint (fine-tuning); default: from scratch")
+    p.add_argument(
+        "--configs",
+        choices=["shapes", "tiny"],
+        default="shapes",
+        help="networks from scratch: the built-in model's, or tiny (tests)",
+    )
+    p.add_argument(
+        "--stage",
+        choices=["all", "vae", "diffusion"],
+        default=None,
+        help="default: all from scratch, diffusion when fine-tuning",
+    )
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=9000, help="diffusion steps")
+    p.add_argument("--batch-size", type=int, default=32, help="diffusion batch size")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
+    p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
+    p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    p.add_argument("--export", type=Path, help="write the trained model here (native .safetensors, fp16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--mixed-precision", action="store_true", help="bf16/fp16 autocast on CUDA")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations: less memory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    fine_tuning = args.init is not None
+    if args.stage == "all" or (args.stage is None and not fine_tuning):
+        stages = ["vae", "diffusion"]
+    else:
+        stages = [args.stage or "diffusion"]
+    data = ShapesData() if args.data == "shapes" else FolderData(Path(args.data), args.image_size)
+    configs = SHAPES_CONFIGS if args.configs == "shapes" else TINY_CONFIGS
+    models = load_models(args.init, device=device) if fine_tuning else fresh_models(configs, device)
+    models.image_size = data.image_size
+    args.run.mkdir(parents=True, exist_ok=True)
+    command = "python -m sd.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(args.run / "loss.log", "a") as log:
+        for stage in stages:
+            if stage == "diffusion" and not fine_tuning:
+                restore_vae(models, args.run, device)
+            default_lr = 1e-3 if stage == "vae" else 1e-5 if fine_tuning else 3e-4
+            settings = Settings(
+                stage=stage,
+                steps=args.vae_steps if stage == "vae" else args.steps,
+                batch_size=args.vae_batch_size if stage == "vae" else args.batch_size,
+                lr=args.lr or default_lr,
+                train_text_encoder=args.train_text_encoder or not fine_tuning,
+                seed=args.seed,
+                save_every=args.save_every,
+                mixed_precision=args.mixed_precision,
+                gradient_checkpointing=args.gradient_checkpointing,
+            )
+            trainer = Trainer(models, settings, data, args.run, device)
+            if args.resume and (args.run / f"{stage}.pt").exists():
+                trainer.resume()
+                print(f"resuming {stage} at step {trainer.step}")
+            trainer.train(log)
+            trainer.use_ema()
+            if stage == "vae":
+                factor = normalise_latents(models, data, np.random.default_rng(args.seed))
+                print(f"latents rescaled by {factor:.4f} to SD v1's scale")
+                export(models, args.run / "vae.safetensors", command, dtype=torch.float32)
+    if args.export:
+        export(models, args.export, command)
+        print(f"wrote {args.export}")
+    return 0
+
+
+def restore_vae(models: Models, run: Path, device: torch.device) -> None:
+    """Stage 1's normalised autoencoder, from the run folder (written there when stage 1 finished)."""
+    from safetensors.torch import load_file
+
+    from sd.model_converter import from_native
+
+    if not (run / "vae.safetensors").is_file():
+        raise ValueError(f"{run}: no trained autoencoder (vae.safetensors); run stage vae first")
+    components = from_native(load_file(run / "vae.safetensors", device=str(device)))
+    models.encoder.load_state_dict(components["encoder"])
+    models.decoder.load_state_dict(components["decoder"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The training loop on tiny networks: the loss falls, a resumed run is the uninterrupted run, fine-tuning on a folder
+of captioned images works, and the autoencoder's latent rescaling leaves what it computes unchanged."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from sd.model_loader import load_models
+from sd.pipeline import LATENT_SCALE
+from sd.train import TINY_CONFIGS, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
+
+ROOT = Path(__file__).parents[1]
+
+
+def losses(run: Path, stage: str) -> list[float]:
+    return [float(line.split(",")[2]) for line in (run / "loss.log").read_text().splitlines() if line.startswith(stage)]
+
+
+def test_both_stages_lower_their_loss(tmp_path):
+    assert (
+        main(
+            [
+                "--data",
+                "shapes",
+                "--run",
+                str(tmp_path),
+                "--configs",
+                "tiny",
+                "--vae-steps",
+                "60",
+                "--steps",
+                "40",
+                "--vae-batch-size",
+                "8",
+                "--batch-size",
+                "8",
+                "--save-every",
+                "20",
+            ]
+        )
+        == 0
+    )
+    for stage, steps in (("vae", 60), ("diffusion", 40)):
+        values = losses(tmp_path, stage)
+        assert len(values) == steps
+        # a batch's loss varies by ~10%: compare means, and ask for a fall well beyond that noise
+        first, last = np.mean(values[:10]), np.mean(values[-20:])
+        assert last < 0.9 * first, f"{stage} loss went from {first:.3f} (first 10 steps) to {last:.3f} (last 20)"
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptedData(ShapesData):
+    """The shapes data, but the run is killed when it asks for batch number `after` + 1."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.left = after
+
+    def batch(self, rng, n):
+        if self.left == 0:
+            raise Interrupted
+        self.left -= 1
+        return super().batch(rng, n)
+
+
+def train(run: Path, data: ShapesData, resume: bool = False) -> Trainer:
+    run.mkdir(exist_ok=True)
+    models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
+    trainer = Trainer(
+        models,
+        Settings(stage="diffusion", steps=10, batch_size=4, lr=1e-3, save_every=5, train_text_encoder=True, seed=7),
+        data,
+        run,
+        torch.device("cpu"),
+    )
+    if resume:
+        trainer.resume()
+    with open(run / "loss.log", "a") as log:
+        trainer.train(log)
+    return trainer
+
+
+def test_a_resumed_run_continues_from_its_saved_step_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    straight = train(tmp_path / "straight", ShapesData())
+    with pytest.raises(Interrupted):
+        train(tmp_path / "interrupted", InterruptedData(after=7))  # killed after step 7, saved at step 5
+    resumed = train(tmp_path / "interrupted", ShapesData(), resume=True)
+    assert resumed.step == 10
+    logged = losses(tmp_path / "interrupted", "diffusion")
+    assert len(logged) == 10, f"{len(logged)} losses logged for 10 steps: steps 6-7 were trained twice"
+    assert logged == losses(tmp_path / "straight", "diffusion"), "the resumed run's losses differ"
+    for name in ("diffusion", "clip"):
+        for (key, a), b in zip(
+            straight.trained[name].state_dict().items(), resumed.trained[name].state_dict().values()
+        ):
+            assert torch.equal(a, b), f"{name}.{key} differs after resuming"
+        for a, b in zip(straight.ema.shadow[name].parameters(), resumed.ema.shadow[name].parameters()):
+            assert torch.equal(a, b), f"{name}'s EMA differs after resuming"
+
+
+def test_the_resume_flag_of_the_command_picks_up_the_run(tmp_path, capsys):
+    args = [
+        "--data",
+        "shapes",
+        "--run",
+        str(tmp_path),
+        "--configs",
+        "tiny",
+        "--vae-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--vae-batch-size",
+        "4",
+        "--save-every",
+        "2",
+    ]
+    assert main(args + ["--steps", "4"]) == 0
+    assert main(args + ["--steps", "6", "--resume"]) == 0
+    assert "resuming diffusion at step 4" in capsys.readouterr().out
+    assert len(losses(tmp_path, "diffusion")) == 6
+
+
+@torch.no_grad()
+def test_rescaled_latents_have_sd_v1s_scale_and_decode_the_same(tmp_path):
+    models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
+    images, _ = ShapesData().batch(np.random.default_rng(0), 8)
+    before = models.decoder(models.encoder(images)[0])
+    normalise_latents(models, ShapesData(), np.random.default_rng(1))
+    mean, _ = models.encoder(images)
+    assert abs((mean * LATENT_SCALE).std().item() - 1) < 0.3
+    torch.testing.assert_close(models.decoder(mean), before, rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tuning_a_checkpoint_on_a_folder_of_captioned_images(tmp_path):
+    checkpoint = tmp_path / "start.safetensors"
+    assert (
+        main(
+            [
+                "--data",
+                "shapes",
+                "--run",
+                str(tmp_path / "scratch"),
+                "--configs",
+                "tiny",
+                "--vae-steps",
+                "2",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--vae-batch-size",
+                "2",
+                "--export",
+                str(checkpoint),
+            ]
+        )
+        == 0
+    )
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i, color in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (80, 60), color).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a plain {color} picture")
+    out = tmp_path / "tuned.safetensors"
+    assert (
+        main(
+            [
+                "--data",
+                str(data),
+                "--init",
+                str(checkpoint),
+                "--run",
+                str(tmp_path / "tune"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--image-size",
+                "64",
+                "--export",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    start, tuned = load_models(checkpoint), load_models(out)
+    assert losses(tmp_path / "tune", "diffusion") and not losses(tmp_path / "tune", "vae")
+    assert not torch.equal(start.diffusion.out[2].weight, tuned.diffusion.out[2].weight), "the UNet did not change"
+    assert torch.equal(start.clip.final_layer_norm.weight, tuned.clip.final_layer_norm.weight), "CLIP stays frozen"
+    with safe_open(out, framework="pt") as f:
+        assert "--init" in f.metadata()["command"]
+
+
+def test_a_folder_without_captions_is_a_clear_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "lonely.png")
+    with pytest.raises(ValueError, match="no images with captions"):
+        main(["--data", str(tmp_path), "--init", "x.safetensors", "--run", str(tmp_path / "run")])
+
+
+def test_train_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "sd.train", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "--resume" in result.stdout and "--gradient-checkpointing" in result.stdout
