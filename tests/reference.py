@@ -30,15 +30,36 @@ def public_key_shapes(inpainting: bool = False) -> dict[str, tuple[list[int], st
     return {k: (shape, dtype) for k, (shape, dtype) in json.loads((DATA / name).read_text()).items()}
 
 
-def ldm_key_shapes(clip_cfg: CLIPConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> dict[str, tuple[list, str]]:
-    """The public file's layout for any config: our modules' keys in public names, plus the public extras."""
+# every sampler, with and without its Karras schedule where it has one, as the tests run them against diffusers
+SAMPLER_CASES = [
+    ("ddpm", False),
+    ("ddim", False),
+    ("plms", False),
+    ("euler", False),
+    ("euler", True),
+    ("euler_a", False),
+    ("lms", False),
+    ("lms", True),
+    ("dpmpp_2m", False),
+    ("dpmpp_2m", True),
+]
+SAMPLER_IDS = [f"{name}{'-karras' if karras else ''}" for name, karras in SAMPLER_CASES]
+
+
+def meta_networks(clip_cfg: CLIPConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> dict[str, torch.nn.Module]:
+    """Our four networks on the meta device: their keys and shapes, no memory."""
     with torch.device("meta"):
-        nets = {
+        return {
             "clip": CLIP(clip_cfg),
             "encoder": Encoder(vae_cfg),
             "decoder": Decoder(vae_cfg),
             "diffusion": UNet(unet_cfg),
         }
+
+
+def ldm_key_shapes(clip_cfg: CLIPConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> dict[str, tuple[list, str]]:
+    """The public file's layout for any config: our modules' keys in public names, plus the public extras."""
+    nets = meta_networks(clip_cfg, vae_cfg, unet_cfg)
     weights = to_ldm({name: net.state_dict() for name, net in nets.items()})
     shapes = {key: ([1000], "float32") for key in SCHEDULE_KEYS}
     shapes |= {"model_ema.decay": ([], "float32"), "model_ema.num_updates": ([], "int32")}
@@ -100,13 +121,7 @@ def random_checkpoint(key_shapes: dict[str, tuple[list, str]], seed: int = 0) ->
 def our_networks(checkpoint: dict[str, torch.Tensor], clip_cfg, vae_cfg, unet_cfg) -> dict[str, torch.nn.Module]:
     """Our four networks, built on the meta device and given the checkpoint's tensors (shared, not copied)."""
     components, _ = from_ldm(checkpoint)
-    with torch.device("meta"):
-        nets = {
-            "clip": CLIP(clip_cfg),
-            "encoder": Encoder(vae_cfg),
-            "decoder": Decoder(vae_cfg),
-            "diffusion": UNet(unet_cfg),
-        }
+    nets = meta_networks(clip_cfg, vae_cfg, unet_cfg)
     for name, net in nets.items():
         load_component(net, components[name], name)
         net.eval()

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 from reference import (
+    SAMPLER_CASES,
+    SAMPLER_IDS,
     assert_close,
     diffusers_pipelines,
     diffusers_scheduler,
@@ -21,19 +23,6 @@ from sd.pipeline import generate
 
 CFGS = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse on mars", "blurry, low quality"
-SAMPLERS = [
-    ("ddpm", False),
-    ("ddim", False),
-    ("plms", False),
-    ("euler", False),
-    ("euler", True),
-    ("euler_a", False),
-    ("lms", False),
-    ("lms", True),
-    ("dpmpp_2m", False),
-    ("dpmpp_2m", True),
-]
-IDS = [f"{name}{'-karras' if karras else ''}" for name, karras in SAMPLERS]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +51,7 @@ def run_diffusers(pipeline, name, karras, seed, **kwargs):
     return pipeline(generator=generator, **kwargs).images
 
 
-@pytest.mark.parametrize("name, karras", SAMPLERS, ids=IDS)
+@pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
 def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
     ours = generate(
         PROMPT,
@@ -95,7 +84,7 @@ def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelin
     assert_close(ours.images, expected, f"txt2img {name} karras={karras} latents")
 
 
-@pytest.mark.parametrize("name, karras", SAMPLERS, ids=IDS)
+@pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
 def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
     image = init_image()
     ours = generate(
@@ -127,58 +116,17 @@ def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipeli
 
 
 def test_decoded_images_match_diffusers_pixels(models, pipelines):
-    ours = generate(
-        [PROMPT, "a red circle"],
-        models,
-        negative_prompt=["", "square"],
-        sampler="dpmpp_2m",
-        steps=4,
-        seed=9,
-        width=48,
-        height=64,
-        output_type="tensor",
-        progress=False,
-    )
-    expected = run_diffusers(
-        pipelines[0],
-        "dpmpp_2m",
-        False,
-        9,
-        prompt=[PROMPT, "a red circle"],
-        negative_prompt=["", "square"],
-        num_inference_steps=4,
-        height=64,
-        width=48,
-        output_type="pt",
-    )
-    assert ours.images.shape == (2, 3, 64, 48)
-    assert_close(ours.images, expected, "decoded images in [0, 1]")
-    pil = generate(
-        [PROMPT, "a red circle"],
-        models,
-        negative_prompt=["", "square"],
-        sampler="dpmpp_2m",
-        steps=4,
-        seed=9,
-        width=48,
-        height=64,
-        progress=False,
-    ).images
-    reference_pil = run_diffusers(
-        pipelines[0],
-        "dpmpp_2m",
-        False,
-        9,
-        prompt=[PROMPT, "a red circle"],
-        negative_prompt=["", "square"],
-        num_inference_steps=4,
-        height=64,
-        width=48,
-    )
-    for a, b in zip(pil, reference_pil):
-        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1, (
-            "8-bit pixels differ by more than 1"
-        )
+    prompts, negatives = [PROMPT, "a red circle"], ["", "square"]
+    ours = dict(negative_prompt=negatives, sampler="dpmpp_2m", steps=4, seed=9, width=48, height=64, progress=False)
+    theirs = dict(prompt=prompts, negative_prompt=negatives, num_inference_steps=4, height=64, width=48)
+    tensors = generate(prompts, models, output_type="tensor", **ours).images
+    expected = run_diffusers(pipelines[0], "dpmpp_2m", False, 9, output_type="pt", **theirs)
+    assert tensors.shape == (2, 3, 64, 48)
+    assert_close(tensors, expected, "decoded images in [0, 1]")
+    pil = generate(prompts, models, **ours).images
+    for a, b in zip(pil, run_diffusers(pipelines[0], "dpmpp_2m", False, 9, **theirs)):
+        difference = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()
+        assert difference <= 1, f"8-bit pixels differ by {difference}, more than 1"
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])

@@ -3,22 +3,9 @@ model outputs in, the same latents out after every step, for text-to-image and i
 
 import pytest
 import torch
-from reference import assert_close, diffusers_scheduler
+from reference import SAMPLER_CASES, SAMPLER_IDS, assert_close, diffusers_scheduler
 
 from sd.samplers import make_sampler
-
-CASES = [
-    ("ddpm", False),
-    ("ddim", False),
-    ("plms", False),
-    ("euler", False),
-    ("euler", True),
-    ("euler_a", False),
-    ("lms", False),
-    ("lms", True),
-    ("dpmpp_2m", False),
-    ("dpmpp_2m", True),
-]
 
 
 def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
@@ -78,7 +65,7 @@ def start():
 
 
 @pytest.mark.parametrize("steps", [7, 20, 50])
-@pytest.mark.parametrize("name, karras", CASES, ids=[f"{n}{'-karras' if k else ''}" for n, k in CASES])
+@pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
 def test_text_to_image_trajectory_matches_diffusers(name, karras, steps):
     x0, noise = start()
     args = (name, karras, steps, None, x0, noise, 11)
@@ -86,7 +73,7 @@ def test_text_to_image_trajectory_matches_diffusers(name, karras, steps):
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
-@pytest.mark.parametrize("name, karras", CASES, ids=[f"{n}{'-karras' if k else ''}" for n, k in CASES])
+@pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
 def test_image_to_image_trajectory_matches_diffusers(name, karras, strength):
     x0, noise = start()
     args = (name, karras, 20, strength, x0, noise, 12)
