@@ -2,6 +2,7 @@
 markdown and JSON under bench/results/)."""
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -13,10 +14,15 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after `warmup` untimed ones."""
+def median_seconds(fn, repeats: int = 5, warmup: int = 1, min_total: float = 2.0) -> float:
+    """Median wall time of `fn()` over `repeats` runs (more for a quick fn: enough runs to fill `min_total` seconds,
+    so that noise does not decide a 0.1 s row), after `warmup` untimed ones."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
+    if warmup:
+        each = (time.perf_counter() - start) / warmup
+        repeats = max(repeats, min(100, math.ceil(min_total / max(each, 1e-6))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
