@@ -5,6 +5,8 @@
 Text-to-image: 80 prompts (every colour with every shape, on two backgrounds), default sampler and steps; the share
 whose image shows the prompt's colour and shape, at CFG 7.5, at CFG 1 (no guidance: the conditional prediction
 alone) and from the empty prompt (the unconditional model: chance, about 1/8 for colour and 1/5 for shape).
+Place and size: 45 full descriptions (every shape at every place); the share drawn nearest the asked place of the
+3x3 grid (chance 1/9) and nearest the asked size (chance 1/3).
 Image-to-image: 40 rendered shapes re-coloured by prompt at strength 0.6; the share that keeps the shape in place
 (IoU >= 0.6) and the share that takes the new colour.
 """
@@ -20,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from common import write_table  # noqa: E402
 
 from sd.model_loader import load_models  # noqa: E402
-from sd.shapes import evaluate_recolouring, evaluate_text_to_image  # noqa: E402
+from sd.shapes import evaluate_placement, evaluate_recolouring, evaluate_text_to_image  # noqa: E402
 
 
 def main() -> None:
@@ -38,15 +40,32 @@ def main() -> None:
                 f"{scores['colour']:.0%}",
                 f"{scores['shape']:.0%}",
                 "",
+                "",
+                "",
                 f"{time.perf_counter() - start:.1f}",
             ]
         )
+    start = time.perf_counter()
+    scores = evaluate_placement(models)
+    rows.append(
+        [
+            "text-to-image, CFG 7.5, place and size asked",
+            "",
+            "",
+            f"{scores['place']:.0%}",
+            f"{scores['size']:.0%}",
+            "",
+            f"{time.perf_counter() - start:.1f}",
+        ]
+    )
     start = time.perf_counter()
     scores = evaluate_recolouring(models)
     rows.append(
         [
             "image-to-image re-colouring, strength 0.6",
             f"{scores['new colour']:.0%}",
+            "",
+            "",
             "",
             f"{scores['in place']:.0%} (both: {scores['both']:.0%})",
             f"{time.perf_counter() - start:.1f}",
@@ -55,9 +74,12 @@ def main() -> None:
     write_table(
         "shapes",
         f"Built-in shapes model ({models.source}): the judge's verdicts",
-        ["task", "colour right", "shape right", "shape kept in place", "seconds"],
+        ["task", "colour right", "shape right", "place right", "size right", "shape kept in place", "seconds"],
         rows,
-        ["Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%."],
+        [
+            "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%.",
+            "Place and size have no target; chance is 11% and 33%.",
+        ],
     )
 
 

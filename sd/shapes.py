@@ -7,6 +7,7 @@ background, top left").
 """
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -258,6 +259,62 @@ def evaluate_text_to_image(
         "colour": float(np.mean([v[0] == c for v, (_, c, _) in zip(verdicts, cases)])),
         "shape": float(np.mean([v[1] == s for v, (_, _, s) in zip(verdicts, cases)])),
     }
+
+
+def placement_scenes() -> list[Scene]:
+    """45 scenes: every shape at every place, sizes in turn, yellow on blue, for prompts that say all of it."""
+    sizes = list(SIDES)
+    return [
+        Scene(shape, "yellow", "blue", sizes[(i + j) % len(sizes)], place)
+        for i, place in enumerate(PLACES)
+        for j, shape in enumerate(SHAPES)
+    ]
+
+
+@cache
+def centroid_and_area(scene: Scene) -> tuple[np.ndarray, int]:
+    """The rendered scene's foreground centroid (row, column) and area in pixels."""
+    mask = foreground(render(scene))
+    return mask_centroid(mask), int(mask.sum())
+
+
+def mask_centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(0)
+
+
+def placement_verdict(scene: Scene, image: Image.Image) -> tuple[bool, bool]:
+    """(place right, size right) of an image of the scene's shape. The size read is the one whose rendering has the
+    nearest area; the place read is the one, among all nine, whose rendering at the size read has the nearest
+    centroid (the grid of places depends on the size: larger shapes keep further from the edges)."""
+    mask = judge(image)[2]
+    if not mask.any():
+        return False, False
+    area, here = int(mask.sum()), mask_centroid(mask)
+    size = min(SIDES, key=lambda z: abs(area - centroid_and_area(replace(scene, size=z, jitter=(0.0, 0.0)))[1]))
+    drawn = replace(scene, size=size, jitter=(0.0, 0.0))
+    place = min(PLACES, key=lambda p: np.hypot(*(here - centroid_and_area(replace(drawn, place=p))[0])))
+    return place == scene.place, size == scene.size
+
+
+def evaluate_placement(models, cfg_scale: float = 7.5, seed: int = 0, **kwargs) -> dict[str, float]:
+    """Text-to-image from full descriptions ("a small yellow star on a blue background, top left"): how often the
+    shape's centre is nearest the asked place of the 3x3 grid (chance 1/9), and its area nearest the asked size's
+    (chance 1/3), each measured against the scene rendered at every place or size."""
+    from sd.pipeline import generate
+
+    scenes = placement_scenes()
+    images = generate(
+        [describe(s) for s in scenes],
+        models,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        width=SIZE,
+        height=SIZE,
+        progress=False,
+        **kwargs,
+    ).images
+    verdicts = [placement_verdict(scene, image) for scene, image in zip(scenes, images)]
+    return {"place": float(np.mean([v[0] for v in verdicts])), "size": float(np.mean([v[1] for v in verdicts]))}
 
 
 def recolouring_cases() -> list[tuple[Scene, str]]:

@@ -42,7 +42,7 @@ from sd.pipeline import LATENT_SCALE
 from sd.samplers import alphas_cumprod
 from sd.tokenizer import default_tokenizer
 
-# The built-in model: every kind of SD v1 block, small enough to train on two CPU cores in under two hours. Its VAE
+# The built-in model: every kind of SD v1 block, small enough to train on two CPU cores in about two hours. Its VAE
 # downsamples 4x, not 8x: 64x64 images need 16x16 latents to keep a star a star. Its heads follow SD v1's conventions
 # (8 in the UNet, 64-wide in CLIP), so its single-file export loads like any SD v1 file.
 SHAPES_CONFIGS = {
@@ -336,7 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=9000, help="diffusion steps")
+    p.add_argument("--steps", type=int, default=12000, help="diffusion steps")
     p.add_argument("--batch-size", type=int, default=32, help="diffusion batch size")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,16 @@ from PIL import Image
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models
 from sd.shapes import (
     COLORS,
+    PLACES,
     SHAPES,
+    SIDES,
     caption,
     evaluate_recolouring,
     evaluate_text_to_image,
     evaluation_prompts,
     judge,
+    placement_scenes,
+    placement_verdict,
     random_scene,
     recolouring_cases,
     render,
@@ -43,6 +48,18 @@ def test_the_judge_reads_shapes_through_blur_and_noise():
         noisy = Image.fromarray(np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8))
         right += judge(noisy)[:2] == (scene.color, scene.shape)
     assert right >= 90, f"only {right}/100 blurred, noisy scenes judged right"
+
+
+def test_placement_verdict_knows_the_asked_place_and_size_from_every_other():
+    misread = []
+    for scene in placement_scenes():
+        for place in PLACES:
+            for size in SIDES:
+                drawn = replace(scene, place=place, size=size, jitter=(1.5, -1.5))
+                verdict = placement_verdict(scene, render(drawn))
+                if verdict != (place == scene.place, size == scene.size):
+                    misread.append((scene.place, scene.size, place, size, verdict))
+    assert not misread, f"{len(misread)} of {45 * 27} drawn scenes misread, first: {misread[:3]}"
 
 
 def test_captions_say_the_colour_and_shape_and_sometimes_more():
@@ -77,8 +94,8 @@ def test_builtin_model_draws_the_prompted_colour_and_shape(builtin):
 
 def test_builtin_model_recolours_a_shape_in_place(builtin):
     scores = evaluate_recolouring(builtin)
-    # the target for "in place" is 0.8; the shipped model keeps 62% in place (it moves the rest), see bench/shapes.py
-    assert scores["in place"] >= 0.55 and scores["new colour"] >= 0.8, scores
+    # the target for "in place" is 0.8; the shipped model keeps 68% in place (it moves the rest), see bench/shapes.py
+    assert scores["in place"] >= 0.6 and scores["new colour"] >= 0.8, scores
 
 
 def test_the_readme_demo_command_writes_a_png_with_the_builtin_model(tmp_path):
