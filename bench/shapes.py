@@ -24,6 +24,28 @@ from common import write_table  # noqa: E402
 from sd.model_loader import load_models  # noqa: E402
 from sd.shapes import evaluate_placement, evaluate_recolouring, evaluate_text_to_image  # noqa: E402
 
+COLUMNS = {
+    "colour": "colour right",
+    "shape": "shape right",
+    "place": "place right",
+    "size": "size right",
+    "kept": "shape kept in place",
+}
+
+
+def timed(evaluate, *args, **kwargs) -> tuple[dict[str, float], str]:
+    start = time.perf_counter()
+    scores = evaluate(*args, **kwargs)
+    return scores, f"{time.perf_counter() - start:.1f}"
+
+
+def row(task: str, seconds: str, **cells: str) -> list[str]:
+    return [task, *(cells.get(key, "") for key in COLUMNS), seconds]
+
+
+def pct(fraction: float) -> str:
+    return f"{fraction:.0%}"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,49 +54,24 @@ def main() -> None:
     models = load_models(args.ckpt)
     rows = []
     for label, cfg, prompted in (("CFG 7.5", 7.5, True), ("CFG 1.0", 1.0, True), ("empty prompt", 1.0, False)):
-        start = time.perf_counter()
-        scores = evaluate_text_to_image(models, cfg_scale=cfg, prompted=prompted)
-        rows.append(
-            [
-                f"text-to-image, {label}",
-                f"{scores['colour']:.0%}",
-                f"{scores['shape']:.0%}",
-                "",
-                "",
-                "",
-                f"{time.perf_counter() - start:.1f}",
-            ]
-        )
-    start = time.perf_counter()
-    scores = evaluate_placement(models)
+        scores, seconds = timed(evaluate_text_to_image, models, cfg_scale=cfg, prompted=prompted)
+        rows.append(row(f"text-to-image, {label}", seconds, colour=pct(scores["colour"]), shape=pct(scores["shape"])))
+    scores, seconds = timed(evaluate_placement, models)
     rows.append(
-        [
+        row(
             "text-to-image, CFG 7.5, place and size asked",
-            "",
-            "",
-            f"{scores['place']:.0%}",
-            f"{scores['size']:.0%}",
-            "",
-            f"{time.perf_counter() - start:.1f}",
-        ]
+            seconds,
+            place=pct(scores["place"]),
+            size=pct(scores["size"]),
+        )
     )
-    start = time.perf_counter()
-    scores = evaluate_recolouring(models)
-    rows.append(
-        [
-            "image-to-image re-colouring, strength 0.6",
-            f"{scores['new colour']:.0%}",
-            "",
-            "",
-            "",
-            f"{scores['in place']:.0%} (both: {scores['both']:.0%})",
-            f"{time.perf_counter() - start:.1f}",
-        ]
-    )
+    scores, seconds = timed(evaluate_recolouring, models)
+    kept = f"{pct(scores['in place'])} (both: {pct(scores['both'])})"
+    rows.append(row("image-to-image re-colouring, strength 0.6", seconds, colour=pct(scores["new colour"]), kept=kept))
     write_table(
         "shapes",
         f"Built-in shapes model ({models.source}): the judge's verdicts",
-        ["task", "colour right", "shape right", "place right", "size right", "shape kept in place", "seconds"],
+        ["task", *COLUMNS.values(), "seconds"],
         rows,
         [
             "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%.",

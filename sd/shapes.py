@@ -236,24 +236,20 @@ def evaluation_prompts() -> list[tuple[str, str, str]]:
     return cases
 
 
+def draw(models, prompts: list[str], **kwargs) -> list[Image.Image]:
+    """One 64x64 text-to-image generation per prompt, as a batch, without a progress bar."""
+    from sd.pipeline import generate
+
+    return generate(prompts, models, width=SIZE, height=SIZE, progress=False, **kwargs).images
+
+
 def evaluate_text_to_image(
     models, cfg_scale: float = 7.5, seed: int = 0, prompted: bool = True, **kwargs
 ) -> dict[str, float]:
     """Fractions of the 80 evaluation prompts whose image the judge reads as the prompt's colour, and shape.
     prompted=False generates from the empty prompt instead: the score of chance, for comparison."""
-    from sd.pipeline import generate
-
     cases = evaluation_prompts()
-    images = generate(
-        [p if prompted else "" for p, _, _ in cases],
-        models,
-        cfg_scale=cfg_scale,
-        seed=seed,
-        width=SIZE,
-        height=SIZE,
-        progress=False,
-        **kwargs,
-    ).images
+    images = draw(models, [p if prompted else "" for p, _, _ in cases], cfg_scale=cfg_scale, seed=seed, **kwargs)
     verdicts = [judge(image)[:2] for image in images]
     return {
         "colour": float(np.mean([v[0] == c for v, (_, c, _) in zip(verdicts, cases)])),
@@ -300,19 +296,8 @@ def evaluate_placement(models, cfg_scale: float = 7.5, seed: int = 0, **kwargs) 
     """Text-to-image from full descriptions ("a small yellow star on a blue background, top left"): how often the
     shape's centre is nearest the asked place of the 3x3 grid (chance 1/9), and its area nearest the asked size's
     (chance 1/3), each measured against the scene rendered at every place or size."""
-    from sd.pipeline import generate
-
     scenes = placement_scenes()
-    images = generate(
-        [describe(s) for s in scenes],
-        models,
-        cfg_scale=cfg_scale,
-        seed=seed,
-        width=SIZE,
-        height=SIZE,
-        progress=False,
-        **kwargs,
-    ).images
+    images = draw(models, [describe(s) for s in scenes], cfg_scale=cfg_scale, seed=seed, **kwargs)
     verdicts = [placement_verdict(scene, image) for scene, image in zip(scenes, images)]
     return {"place": float(np.mean([v[0] for v in verdicts])), "size": float(np.mean([v[1] for v in verdicts]))}
 
