@@ -47,6 +47,14 @@ def prepare(kind: str, path: Path):
 
         return lambda: touch(load_models(path, dtype=dtype).named().values())
 
+    build = diffusers_networks(path, dtype)
+    return lambda: touch(build())
+
+
+def diffusers_networks(path: Path, dtype):
+    """Imports diffusers; returns the function that builds its UNet, VAE and CLIP text encoder from one read of the
+    single file `path`, as StableDiffusionPipeline.from_single_file does (the CLIP config lives beside the file,
+    see make_files)."""
     import os
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -60,21 +68,22 @@ def prepare(kind: str, path: Path):
 
     yaml = original_config(VAEConfig(), UNetConfig())
 
-    def load():
+    def build() -> list:
         checkpoint = load_single_file_checkpoint(str(path))
-        unet = UNet2DConditionModel.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype)
-        vae = AutoencoderKL.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype)
-        clip = create_diffusers_clip_model_from_ldm(
-            CLIPTextModel,
-            checkpoint,
-            config=str(path.parent / "clip-config"),
-            subfolder="text_encoder",
-            torch_dtype=dtype,
-            local_files_only=True,
-        )
-        touch([unet, vae, clip])
+        return [
+            UNet2DConditionModel.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype),
+            AutoencoderKL.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype),
+            create_diffusers_clip_model_from_ldm(
+                CLIPTextModel,
+                checkpoint,
+                config=str(path.parent / "clip-config"),
+                subfolder="text_encoder",
+                torch_dtype=dtype,
+                local_files_only=True,
+            ),
+        ]
 
-    return load
+    return build
 
 
 def worker(kind: str, path: Path) -> dict:

@@ -12,10 +12,9 @@ The UNet's FLOPs per step come from torch.utils.flop_counter; GFLOP/s is set aga
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,8 +69,6 @@ def networks_rows(device: torch.device, dtype: torch.dtype, repeats: int, gflop:
         for k, v in random_checkpoint(public_key_shapes()).items()
     }
     ours = our_networks(checkpoint, *cfgs)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         theirs = {
             "unet": reference_unet(checkpoint, cfgs[1], cfgs[2]),
@@ -129,29 +126,15 @@ def generation_worker(kind: str, path: Path, steps: int, repeats: int) -> dict:
             return generate(PROMPT, models, sampler="euler_a", steps=n, seed=1, progress=False)
 
     else:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import (
-            create_diffusers_clip_model_from_ldm,
-            load_single_file_checkpoint,
-        )
-        from reference import diffusers_scheduler, diffusers_tokenizer, original_config
-        from transformers import CLIPTextModel
+        from diffusers import StableDiffusionPipeline
+        from load import diffusers_networks
+        from reference import diffusers_scheduler, diffusers_tokenizer
 
-        from sd.diffusion import UNetConfig
-        from sd.encoder import VAEConfig
-
-        checkpoint, yaml = load_single_file_checkpoint(str(path)), original_config(VAEConfig(), UNetConfig())
+        unet, vae, text_encoder = diffusers_networks(path, torch.float32)()
         pipe = StableDiffusionPipeline(
-            unet=UNet2DConditionModel.from_single_file(checkpoint, original_config=yaml),
-            vae=AutoencoderKL.from_single_file(checkpoint, original_config=yaml),
-            text_encoder=create_diffusers_clip_model_from_ldm(
-                CLIPTextModel,
-                checkpoint,
-                config=str(path.parent / "clip-config"),
-                subfolder="text_encoder",
-                local_files_only=True,
-            ),
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
             tokenizer=diffusers_tokenizer(path.parent / "tokenizer"),
             scheduler=diffusers_scheduler("euler_a"),
             safety_checker=None,
@@ -159,18 +142,12 @@ def generation_worker(kind: str, path: Path, steps: int, repeats: int) -> dict:
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        del checkpoint
 
         def run(n):
             return pipe(PROMPT, num_inference_steps=n, generator=torch.Generator().manual_seed(1)).images
 
-    run(2)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(steps)
-        times.append(time.perf_counter() - start)
-    return {"seconds": sorted(times)[len(times) // 2], "peak_rss_gb": peak_rss_gib()}
+    run(2)  # the warm-up: a short generation
+    return {"seconds": median_seconds(lambda: run(steps), repeats, warmup=0), "peak_rss_gb": peak_rss_gib()}
 
 
 def main() -> None:
@@ -200,10 +177,6 @@ def main() -> None:
         from load import make_files
 
         path = make_files(args.workdir)[0]
-        if not (args.workdir / "tokenizer" / "vocab.json").exists():
-            from reference import diffusers_tokenizer
-
-            diffusers_tokenizer(args.workdir / "tokenizer")
         results = {}
         for kind in ("ours", "diffusers"):
             out = subprocess.run(
