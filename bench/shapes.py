@@ -8,7 +8,7 @@ alone) and from the empty prompt (the unconditional model: chance, about 1/8 for
 Place and size: 45 full descriptions (every shape at every place); the share drawn nearest the asked place of the
 3x3 grid (chance 1/9) and nearest the asked size (chance 1/3).
 Image-to-image: 40 rendered shapes re-coloured by prompt at strength 0.6; the share that keeps the shape in place
-(IoU >= 0.6) and the share that takes the new colour.
+(IoU >= 0.6) and the share that takes the new colour. The control asks for each shape's own colour instead.
 """
 
 import argparse
@@ -65,9 +65,10 @@ def main() -> None:
             size=pct(scores["size"]),
         )
     )
-    scores, seconds = timed(evaluate_recolouring, models)
-    kept = f"{pct(scores['in place'])} (both: {pct(scores['both'])})"
-    rows.append(row("image-to-image re-colouring, strength 0.6", seconds, colour=pct(scores["new colour"]), kept=kept))
+    for label, recolour in (("re-colouring", True), ("own colour asked (control)", False)):
+        scores, seconds = timed(evaluate_recolouring, models, recolour=recolour)
+        kept = f"{pct(scores['in place'])} (both: {pct(scores['both'])})"
+        rows.append(row(f"image-to-image, strength 0.6, {label}", seconds, colour=pct(scores["new colour"]), kept=kept))
     write_table(
         "shapes",
         f"Built-in shapes model ({models.source}): the judge's verdicts",

@@ -315,13 +315,18 @@ def recolouring_cases() -> list[tuple[Scene, str]]:
     return cases
 
 
-def evaluate_recolouring(models, strength: float = 0.6, seed: int = 0, **kwargs) -> dict[str, float]:
+def evaluate_recolouring(
+    models, strength: float = 0.6, seed: int = 0, recolour: bool = True, **kwargs
+) -> dict[str, float]:
     """Image-to-image with a re-colouring prompt (the input's full description with the new colour): how often the
-    shape stays in place (foreground IoU >= 0.6 with the input's), takes the new colour, and both."""
+    shape stays in place (foreground IoU >= 0.6 with the input's), takes the new colour, and both.
+    recolour=False prompts with the input's own description (the "new" colour is its own): the control that tells
+    a model that cannot keep a shape in place from one that moves it only when the prompt contradicts it."""
     from sd.pipeline import generate
 
     kept, recoloured = [], []
     for k, (scene, new) in enumerate(recolouring_cases()):
+        new = new if recolour else scene.color
         prompt = describe(replace(scene, color=new))
         source = render(scene)
         (image,) = generate(

@@ -98,6 +98,12 @@ def test_builtin_model_recolours_a_shape_in_place(builtin):
     assert scores["in place"] >= 0.6 and scores["new colour"] >= 0.8, scores
 
 
+def test_image_to_image_keeps_a_shape_in_place_when_the_prompt_agrees_with_it(builtin):
+    scores = evaluate_recolouring(builtin, recolour=False)
+    # the moves above come from the colour the prompt contradicts: asked for its own colour, 98% stays in place
+    assert scores["in place"] >= 0.9 and scores["new colour"] >= 0.9, scores
+
+
 def test_the_readme_demo_command_writes_a_png_with_the_builtin_model(tmp_path):
     result = subprocess.run(
         [
