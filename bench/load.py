@@ -47,14 +47,14 @@ def prepare(kind: str, path: Path):
 
         return lambda: touch(load_models(path, dtype=dtype).named().values())
 
-    build = diffusers_networks(path, dtype)
-    return lambda: touch(build())
+    load = diffusers_loader(path, dtype)
+    return lambda: touch(load())
 
 
-def diffusers_networks(path: Path, dtype):
-    """Imports diffusers; returns the function that builds its UNet, VAE and CLIP text encoder from one read of the
-    single file `path`, as StableDiffusionPipeline.from_single_file does (the CLIP config lives beside the file,
-    see make_files)."""
+def diffusers_loader(path: Path, dtype):
+    """Imports diffusers (so that a timed load leaves the imports out); returns the function that loads its UNet, VAE
+    and CLIP text encoder from one read of the single file `path`, as StableDiffusionPipeline.from_single_file does
+    (the CLIP config lives beside the file, see make_files)."""
     import os
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -68,7 +68,7 @@ def diffusers_networks(path: Path, dtype):
 
     yaml = original_config(VAEConfig(), UNetConfig())
 
-    def build() -> list:
+    def load() -> list:
         checkpoint = load_single_file_checkpoint(str(path))
         return [
             UNet2DConditionModel.from_single_file(checkpoint, original_config=yaml, torch_dtype=dtype),
@@ -83,7 +83,7 @@ def diffusers_networks(path: Path, dtype):
             ),
         ]
 
-    return build
+    return load
 
 
 def worker(kind: str, path: Path) -> dict:

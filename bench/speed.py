@@ -127,10 +127,10 @@ def generation_worker(kind: str, path: Path, steps: int, repeats: int) -> dict:
 
     else:
         from diffusers import StableDiffusionPipeline
-        from load import diffusers_networks
+        from load import diffusers_loader
         from reference import diffusers_scheduler, diffusers_tokenizer
 
-        unet, vae, text_encoder = diffusers_networks(path, torch.float32)()
+        unet, vae, text_encoder = diffusers_loader(path, torch.float32)()
         pipe = StableDiffusionPipeline(
             unet=unet,
             vae=vae,
