@@ -16,7 +16,7 @@ class DDIM(Sampler):
             raise ValueError(f"eta must be between 0 and 1, got {eta}")
         self.eta = eta
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         self.timesteps = torch.from_numpy(leading_timesteps(steps))
         self.stride = TRAIN_STEPS // steps
 

@@ -9,7 +9,7 @@ from sd.samplers import Sampler, leading_timesteps, noise_like
 class DDPM(Sampler):
     label = "DDPM"
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         self.timesteps = torch.from_numpy(leading_timesteps(steps))
 
     def step(

@@ -18,7 +18,7 @@ class DPMSolverPP2M(Sampler):
     label = "DPM++ 2M"
     supports_karras = True
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         train = training_sigmas()
         if self.karras:
             sigmas = karras_sigmas(train[-1].item(), train[0].item(), steps)

@@ -12,7 +12,7 @@ from sd.samplers import SigmaSampler, noise_like
 class Euler(SigmaSampler):
     label = "Euler"
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         self.set_sigmas(steps)
 
     def step(
@@ -28,7 +28,7 @@ class EulerAncestral(SigmaSampler):
     label = "Euler a"
     supports_karras = False  # diffusers offers none for it
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         self.set_sigmas(steps)
 
     def step(

@@ -12,7 +12,7 @@ class LMS(SigmaSampler):
     label = "LMS"
     order = 4
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         self.set_sigmas(steps)
         self.derivatives: list[torch.Tensor] = []
 
@@ -32,6 +32,6 @@ class LMS(SigmaSampler):
     ) -> torch.Tensor:
         sigma = self.sigmas[i]
         self.derivatives = [*self.derivatives, (x - (x - sigma * eps)) / sigma][-self.order :]
-        order = min(i + 1, self.order)
+        order = len(self.derivatives)  # not i + 1: image-to-image has no derivatives from before its start
         coefficients = [self.coefficient(order, i, j) for j in range(order)]
         return x + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives)))

@@ -219,7 +219,9 @@ def generate(
     with placed(models.clip, device):
         context = encode_prompts(models, (negatives + prompts) if guided else prompts, clip_skip)
     context = context.repeat_interleave(batch_size, dim=0)  # [negatives..., prompts...], each batch_size times
-    sampler.set_steps(steps)
+    # image-to-image: diffusers' strength, the last strength * steps steps
+    start = 0 if init_image is None else steps - min(int(steps * strength), steps)
+    sampler.set_steps(steps, start)
 
     if init_image is None:
         width, height = 512 if width is None else width, 512 if height is None else height
@@ -230,7 +232,7 @@ def generate(
             latents = noise(shape, generator, device, dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-        x, start = latents.to(device, dtype) * sampler.init_noise_sigma, 0
+        x = latents.to(device, dtype) * sampler.init_noise_sigma
     else:
         if latents is not None:
             raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
@@ -241,7 +243,6 @@ def generate(
             mean, logvar = encode(models, image, vae_tile)
         x0 = LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise_like(mean, generator))  # the posterior's sample
         x0 = x0.repeat(total, 1, 1, 1)
-        start = steps - min(int(steps * strength), steps)  # diffusers' strength: the last strength * steps steps
         x = sampler.add_noise(x0, noise_like(x0, generator), start) if start < len(sampler.timesteps) else x0
 
     with placed(models.diffusion, device):

@@ -1,21 +1,22 @@
 """PLMS (Liu et al. 2022, pseudo linear multi-step): a 4th-order Adams-Bashforth step on the noise estimates, with
 the DDIM-like transfer x_t -> x_{t-1}. As diffusers' PNDMScheduler with `skip_prk_steps`: the Runge-Kutta warm-up
-is replaced by one extra model evaluation, so `steps` steps take `steps + 1` evaluations."""
+is replaced by one extra model evaluation, so `steps` steps take `steps + 1` evaluations. Image-to-image does the
+warm-up at its first step, so its history never mixes in steps it did not take."""
 
 import numpy as np
 import torch
 
-from sd.samplers import TRAIN_STEPS, Sampler
+from sd.samplers import TRAIN_STEPS, Sampler, leading_timesteps
 
 
 class PLMS(Sampler):
     label = "PLMS"
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
         self.stride = TRAIN_STEPS // steps
-        t = (np.arange(0, steps) * self.stride).round() + 1
-        # the second timestep is repeated: steps 0 and 1 together are one second-order (Heun-like) step
-        self.timesteps = torch.from_numpy(np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].astype(np.int64))
+        t = leading_timesteps(steps)
+        # the timestep after the first one taken is repeated: those two evaluations are one second-order step
+        self.timesteps = torch.from_numpy(np.concatenate([t[: start + 2], t[start + 1 :]]))
         self.eps_history: list[torch.Tensor] = []
         self.evaluations = 0
         self.first_sample: torch.Tensor | None = None

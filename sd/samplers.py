@@ -2,14 +2,17 @@
 
 A sampler turns noise into an image's latents in `len(timesteps)` model evaluations:
 
-    sampler.set_steps(steps)
+    sampler.set_steps(steps, start)         # start = 0; image-to-image runs only the steps from `start` on
     x = noise * sampler.init_noise_sigma    # image-to-image: x = sampler.add_noise(x0, noise, start)
     for i in range(start, len(sampler.timesteps)):
         eps = unet(sampler.scale_input(x, i), sampler.timesteps[i], context)
         x = sampler.step(eps, i, x, generator)
 
 Every sampler reproduces the numerics of its diffusers counterpart built from SD v1.5's scheduler config, step for
-step, including when and how it draws random numbers (`noise()`), so a seed gives diffusers' image.
+step, including when and how it draws random numbers (`noise()`), so a seed gives diffusers' image. One
+deliberate difference: a multistep sampler's history (LMS, PLMS) begins at the first step taken, as in k-diffusion.
+diffusers begins it at the schedule's first step even when image-to-image starts later, which leaves noise in the
+image (diffusers issue 5630).
 """
 
 import numpy as np
@@ -83,7 +86,8 @@ class Sampler:
         self.timesteps = torch.empty(0)
         self.init_noise_sigma = 1.0
 
-    def set_steps(self, steps: int) -> None:
+    def set_steps(self, steps: int, start: int = 0) -> None:
+        """The schedule for `steps` steps, of which this run takes those from index `start` on."""
         raise NotImplementedError
 
     def scale_input(self, x: torch.Tensor, i: int) -> torch.Tensor:

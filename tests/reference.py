@@ -290,6 +290,14 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
+def pipeline_comparable_strength(name: str, strength: float) -> float:
+    """The img2img strength at which whole pipelines can be compared with diffusers for sampler `name`. diffusers
+    starts LMS's and PLMS's multistep history at the schedule's first step even when img2img starts later (its issue
+    5630); ours starts it at the first step taken. So those two agree only from strength 1; test_samplers checks
+    their part-way starts against diffusers' step code run on the schedule's tail."""
+    return 1.0 if name in ("lms", "plms") else strength
+
+
 def diffusers_scheduler(name: str, karras: bool = False):
     """Our sampler `name`'s diffusers counterpart, from SD v1.5's scheduler config."""
     import diffusers

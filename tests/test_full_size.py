@@ -14,6 +14,7 @@ from reference import (
     diffusers_scheduler,
     our_models,
     our_networks,
+    pipeline_comparable_strength,
     public_key_shapes,
     random_checkpoint,
     reference_clip,
@@ -89,9 +90,10 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 def test_full_size_text_to_image_and_image_to_image_match_diffusers(checkpoint, pipelines, name):
     models = our_models(checkpoint, CLIP_CFG, VAE_CFG, UNET_CFG)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    strength = pipeline_comparable_strength(name, 0.7)
     runs = {
         "txt2img": ({"width": 64, "height": 64}, {"height": 64, "width": 64}, 0),
-        "img2img": ({"init_image": image, "strength": 0.7}, {"image": image, "strength": 0.7}, 1),
+        "img2img": ({"init_image": image, "strength": strength}, {"image": image, "strength": strength}, 1),
     }
     for what, (our_kwargs, their_kwargs, pipeline) in runs.items():
         ours = generate(

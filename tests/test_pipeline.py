@@ -13,6 +13,7 @@ from reference import (
     diffusers_scheduler,
     ldm_key_shapes,
     our_models,
+    pipeline_comparable_strength,
     random_checkpoint,
 )
 
@@ -86,7 +87,7 @@ def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelin
 
 @pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
 def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
-    image = init_image()
+    image, strength = init_image(), pipeline_comparable_strength(name, 0.6)
     ours = generate(
         PROMPT,
         models,
@@ -96,7 +97,7 @@ def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipeli
         steps=6,
         seed=77,
         init_image=image,
-        strength=0.6,
+        strength=strength,
         output_type="latent",
         progress=False,
     )
@@ -108,7 +109,7 @@ def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipeli
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         image=image,
-        strength=0.6,
+        strength=strength,
         num_inference_steps=6,
         output_type="latent",
     )
