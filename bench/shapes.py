@@ -9,6 +9,7 @@ Place and size: 45 full descriptions (every shape at every place); the share dra
 3x3 grid (chance 1/9) and nearest the asked size (chance 1/3).
 Image-to-image: 40 rendered shapes re-coloured by prompt at strength 0.6; the share that keeps the shape in place
 (IoU >= 0.6) and the share that takes the new colour. The control asks for each shape's own colour instead.
+Samplers: the same text-to-image prompts at CFG 7.5 and 3, and the re-colouring, with each sampler at 20 steps.
 """
 
 import argparse
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from common import write_table  # noqa: E402
 
 from sd.model_loader import load_models  # noqa: E402
+from sd.samplers import samplers  # noqa: E402
 from sd.shapes import evaluate_placement, evaluate_recolouring, evaluate_text_to_image  # noqa: E402
 
 COLUMNS = {
@@ -78,6 +80,35 @@ def main() -> None:
             "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%.",
             "Place and size have no target; chance is 11% and 33%.",
         ],
+    )
+
+    sampler_table(models)
+
+
+def sampler_table(models) -> None:
+    rows = []
+    for name in samplers():
+        start = time.perf_counter()
+        strong, mild = (evaluate_text_to_image(models, sampler=name, cfg_scale=cfg) for cfg in (7.5, 3.0))
+        recoloured = evaluate_recolouring(models, sampler=name)
+        cells = [strong["colour"], strong["shape"], mild["colour"], mild["shape"]]
+        cells += [recoloured["new colour"], recoloured["in place"]]
+        rows.append([name, *map(pct, cells), f"{time.perf_counter() - start:.1f}"])
+    write_table(
+        "shapes-samplers",
+        f"Built-in shapes model ({models.source}): the judge's verdicts by sampler, 20 steps",
+        [
+            "sampler",
+            "colour, CFG 7.5",
+            "shape, CFG 7.5",
+            "colour, CFG 3",
+            "shape, CFG 3",
+            "re-colouring: new colour",
+            "re-colouring: in place",
+            "seconds",
+        ],
+        rows,
+        ["Text-to-image: 80 prompts; re-colouring: 40 shapes at strength 0.6, CFG 7.5."],
     )
 
 
