@@ -5,7 +5,8 @@ are rescaled (inside its first and last 1x1 convolutions) to SD v1's convention:
 so the pipeline's one scaling factor fits every model.
 Stage 2, `diffusion`: the UNet (and, trained from scratch, the text encoder) on the frozen autoencoder's latents,
 minimising ||eps - eps_theta(z_t, t, c)||^2 with z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps, t uniform over SD v1's 1000
-training steps, and 10% of captions replaced by "" so that classifier-free guidance works.
+training steps, and 10% of captions replaced by "" so that classifier-free guidance works; `--min-snr-gamma 5`
+weights each sample's error by min(SNR, 5) / SNR instead (Min-SNR-gamma, Hang et al. 2023).
 
 Both: AdamW, gradient clipping, EMA weights (what gets exported), a fixed seed, a checkpoint every `--save-every`
 steps that `--resume` continues from exactly, a tqdm bar with the loss, a loss log (`loss.log` in the run folder),
@@ -70,6 +71,7 @@ class Settings:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain mean
     kl_weight: float = 1e-5
     edge_weight: float = 5.0  # reconstruction errors near edges count up to 11x: flat areas dominate otherwise
     train_text_encoder: bool = False
@@ -238,7 +240,20 @@ class Trainer:
         a = self.alphas_cumprod[t][:, None, None, None]
         eps = randn(z0)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        return F.mse_loss(self.models.diffusion(z_t, t, context).float(), eps)
+        error = (self.models.diffusion(z_t, t, context).float() - eps).pow(2).mean(dim=(1, 2, 3))
+        return (self.loss_weights(t) * error).mean()
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """[B] weights of the per-sample noise errors at timesteps t: 1, or with Min-SNR-gamma (Hang et al. 2023)
+        min(SNR, gamma) / SNR, SNR = a_t / (1 - a_t). Low-noise steps have large, conflicting gradients and decide
+        little of the image; capping their weight makes training converge faster (on the shapes model, 4,000 steps
+        draw 89% of colours right instead of 74%), though a 6,000-step model kept fewer re-coloured shapes in place
+        than the shipped 12,000-step plain one (55% against 68%), so it is not the default."""
+        if self.settings.min_snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        a = self.alphas_cumprod[t]
+        snr = a / (1 - a)
+        return snr.clamp(max=self.settings.min_snr_gamma) / snr
 
     def train(self, log) -> None:
         s = self.settings
@@ -338,6 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=12000, help="diffusion steps")
     p.add_argument("--batch-size", type=int, default=32, help="diffusion batch size")
+    p.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weighting, e.g. 5: converges in fewer steps (default: off, the plain mean)",
+    )
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
     p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")
@@ -375,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.vae_steps if stage == "vae" else args.steps,
                 batch_size=args.vae_batch_size if stage == "vae" else args.batch_size,
                 lr=args.lr or default_lr,
+                min_snr_gamma=args.min_snr_gamma if stage == "diffusion" else None,
                 train_text_encoder=args.train_text_encoder or not fine_tuning,
                 seed=args.seed,
                 save_every=args.save_every,

@@ -130,6 +130,22 @@ def test_the_resume_flag_of_the_command_picks_up_the_run(tmp_path, capsys):
     assert len(losses(tmp_path, "diffusion")) == 6
 
 
+def test_min_snr_weights_are_diffusers_min_snr_gamma_over_snr_for_noise_prediction():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.arange(1000)
+    snr = compute_snr(scheduler, t)
+    models, data = fresh_models(TINY_CONFIGS, torch.device("cpu")), ShapesData()
+    for gamma in (1.0, 5.0):
+        trainer = Trainer(models, Settings(min_snr_gamma=gamma), data, Path("unused"), torch.device("cpu"))
+        expected = torch.minimum(snr, torch.full_like(snr, gamma)) / snr  # diffusers' train_text_to_image.py
+        torch.testing.assert_close(trainer.loss_weights(t), expected, rtol=1e-5, atol=0)
+    plain = Trainer(models, Settings(), data, Path("unused"), torch.device("cpu"))
+    assert torch.equal(plain.loss_weights(t), torch.ones(1000)), "without gamma every step weighs 1"
+
+
 @torch.no_grad()
 def test_rescaled_latents_have_sd_v1s_scale_and_decode_the_same(tmp_path):
     models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
