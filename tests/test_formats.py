@@ -273,9 +273,13 @@ def test_round_trip_through_convert_weights_gives_identical_outputs(
     assert "diffusion  UNet" in result.stdout and "parameters" in result.stdout
     after = load_models(tmp_path / "native.safetensors")
     assert after.format == "native" and after.configs == before.configs
+    for name, net in before.named().items():
+        for key, tensor in net.state_dict().items():
+            assert torch.equal(after.named()[name].state_dict()[key], tensor), f"{name} {key} changed on the way"
+    # the same weights at other memory alignments may take other vectorised kernels: equal up to float32 rounding
     reference = our_outputs(before.clip, before.encoder, before.decoder, before.diffusion)
     for name, out in our_outputs(after.clip, after.encoder, after.decoder, after.diffusion).items():
-        assert torch.equal(out, reference[name]), f"{name} changed through the native file"
+        assert_close(out, reference[name], f"{name} through the native file", rtol=1e-5)
 
 
 def test_native_file_records_configs_dtype_and_the_sources_sha256(checkpoint, tmp_path):

@@ -1,6 +1,8 @@
 """Text-to-image and image-to-image end to end against diffusers' pipelines, on the same seeded random weights:
 the same seed gives the same latents and images, with every sampler."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -133,17 +135,8 @@ def test_decoded_images_match_diffusers_pixels(models, pipelines):
 @pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
 def test_image_to_image_strength_follows_diffusers(models, pipelines, strength):
     image = init_image(56, 40, seed=8)
-    ours = generate(
-        PROMPT,
-        models,
-        sampler="ddim",
-        steps=10,
-        seed=3,
-        init_image=image,
-        strength=strength,
-        output_type="latent",
-        progress=False,
-    )
+    settings = dict(sampler="ddim", steps=10, seed=3, init_image=image, strength=strength, output_type="latent")
+    ours = generate(PROMPT, models, progress=False, **settings)
     if strength == 0:  # diffusers cannot run zero steps; ours returns the image's own latents
         mean, _ = models.encoder(
             torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
@@ -161,7 +154,19 @@ def test_image_to_image_strength_follows_diffusers(models, pipelines, strength):
         num_inference_steps=10,
         output_type="latent",
     )
-    assert_close(ours.images, expected, f"img2img strength {strength}")
+    # ten steps from (nearly) pure noise amplify float32 rounding, differently on different CPUs: allow twice our own
+    # distance from float64 (the reference rounds too) on top of the usual 1e-4 of the scale
+    exact = generate(PROMPT, in_float64(models), progress=False, **settings).images
+    rounding = (ours.images.double() - exact).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert_close(ours.images, expected, f"img2img strength {strength}", rtol=1e-4 + 2 * rounding / scale)
+
+
+def in_float64(models):
+    copied = copy.deepcopy(models)
+    for net in copied.named().values():
+        net.double()
+    return copied
 
 
 def test_given_latents_no_guidance_and_ddim_eta_match_diffusers(models, pipelines):
