@@ -214,13 +214,13 @@ def _assert_fully_loaded(model: torch.nn.Module, converted: dict[str, torch.Tens
         assert torch.equal(tensor, converted[key].reshape(tensor.shape).to(tensor.dtype)), f"reference {key} differs"
 
 
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = 1e-4) -> float:
-    """max |ours - ref| <= rtol * max(1, max |ref|); returns the max abs difference."""
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = 1e-4, atol: float = 0.0) -> float:
+    """max |ours - ref| <= rtol * max(1, max |ref|) + atol; returns the max abs difference."""
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(ref).all(), f"{what}: the reference output is not finite"
     diff = (ours.double() - ref.double()).abs().max().item()
     scale = ref.abs().max().item()
-    bound = rtol * max(1.0, scale)
+    bound = rtol * max(1.0, scale) + atol
     assert diff <= bound, f"{what}: max abs difference {diff:.3e} > {bound:.3e} (reference max abs {scale:.3g})"
     return diff
 

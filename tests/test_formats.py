@@ -274,8 +274,9 @@ def test_round_trip_through_convert_weights_gives_identical_outputs(
     after = load_models(tmp_path / "native.safetensors")
     assert after.format == "native" and after.configs == before.configs
     for name, net in before.named().items():
+        converted = after.named()[name].state_dict()
         for key, tensor in net.state_dict().items():
-            assert torch.equal(after.named()[name].state_dict()[key], tensor), f"{name} {key} changed on the way"
+            assert torch.equal(converted[key], tensor), f"{name} {key} changed on the way"
     # the same weights at other memory alignments may take other vectorised kernels: equal up to float32 rounding
     reference = our_outputs(before.clip, before.encoder, before.decoder, before.diffusion)
     for name, out in our_outputs(after.clip, after.encoder, after.decoder, after.diffusion).items():
