@@ -284,6 +284,7 @@ class Models:
     format: str
     ignored: dict[str, str] = field(default_factory=dict)  # checkpoint keys not loaded -> why
     image_size: int = 512  # the side the model was trained at, which the demo draws by default
+    command: str = ""  # the sd.train command(s) that made one of our native files, from its metadata
 
     def named(self) -> dict[str, torch.nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "diffusion": self.diffusion}
@@ -342,7 +343,7 @@ def load_models(
     vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
     """
     path = Path(DEFAULT_CHECKPOINT if path is None else path)
-    tokenizer, hints, ignored, configs, image_size = default_tokenizer(), {}, {}, {}, 512
+    tokenizer, hints, ignored, configs, image_size, command = default_tokenizer(), {}, {}, {}, 512, ""
     if path.is_dir():
         components, hints, tokenizer = read_diffusers_folder(path)
         layout = "diffusers"
@@ -357,6 +358,7 @@ def load_models(
         else:
             components, ignored = from_ldm(state, ema=ema)
         image_size = int(metadata.get("image_size", image_size))
+        command = metadata.get("command", "")
     if ema and layout != "single-file":
         raise CheckpointError(f"{path}: --ema applies to full single-file training checkpoints only")
     if vae is not None:
@@ -368,7 +370,9 @@ def load_models(
     if vae is not None or "vae" not in configs:
         configs["vae"] = infer_vae_config(components["encoder"], components["decoder"])
     nets = build(components, configs, device, dtype)
-    return Models(tokenizer, **nets, source=str(path), format=layout, ignored=ignored, image_size=image_size)
+    return Models(
+        tokenizer, **nets, source=str(path), format=layout, ignored=ignored, image_size=image_size, command=command
+    )
 
 
 def sha256(path: str | Path) -> str:

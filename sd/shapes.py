@@ -128,6 +128,12 @@ def random_scene(rng: np.random.Generator) -> Scene:
     )
 
 
+def recoloured(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene with the shape in another colour, never the background's."""
+    others = [c for c in COLORS if c not in (scene.color, scene.background)]
+    return replace(scene, color=str(rng.choice(others)))
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """Some or all of what the scene is, in a few phrasings, so that short prompts are in the training data too."""
     size = f"{scene.size} " if rng.random() < 0.5 else ""

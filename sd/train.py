@@ -6,7 +6,9 @@ so the pipeline's one scaling factor fits every model.
 Stage 2, `diffusion`: the UNet (and, trained from scratch, the text encoder) on the frozen autoencoder's latents,
 minimising ||eps - eps_theta(z_t, t, c)||^2 with z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps, t uniform over SD v1's 1000
 training steps, and 10% of captions replaced by "" so that classifier-free guidance works; `--min-snr-gamma 5`
-weights each sample's error by min(SNR, 5) / SNR instead (Min-SNR-gamma, Hang et al. 2023).
+weights each sample's error by min(SNR, 5) / SNR instead (Min-SNR-gamma, Hang et al. 2023). On the shapes data,
+`--recolour 0.3` noises that fraction of samples from a copy with the shape in another colour and asks for the
+caption's image back (see Trainer.edited): the edit image-to-image re-colouring makes, which plain training never shows.
 
 Both: AdamW, gradient clipping, EMA weights (what gets exported), a fixed seed, a checkpoint every `--save-every`
 steps that `--resume` continues from exactly, a tqdm bar with the loss, a loss log (`loss.log` in the run folder),
@@ -85,16 +87,32 @@ class Settings:
 
 
 class ShapesData:
-    """The synthetic shapes, drawn afresh for every batch (see sd/shapes.py)."""
+    """The synthetic shapes, drawn afresh for every batch (see sd/shapes.py). recolour: the fraction of samples whose
+    source is the same scene with the shape in another colour (the edit the model then learns; see Trainer.edited)."""
 
     image_size = 64
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
-        from sd.shapes import caption, random_scene, render
+    def __init__(self, recolour: float = 0.0):
+        if not 0 <= recolour <= 1:
+            raise ValueError(f"recolour is a fraction of samples, in [0, 1]; got {recolour}")
+        self.recolour = recolour
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """(images [n, 3, 64, 64] in [-1, 1], captions, sources: images to noise instead, or None: the images)."""
+        from sd.shapes import caption, random_scene, recoloured
 
         scenes = [random_scene(rng) for _ in range(n)]
-        images = np.stack([np.asarray(render(scene)) for scene in scenes])
-        return to_tensor(images), [caption(scene, rng) for scene in scenes]
+        captions = [caption(scene, rng) for scene in scenes]
+        if not self.recolour:
+            return self.draw(scenes), captions, None
+        sources = [recoloured(scene, rng) if rng.random() < self.recolour else scene for scene in scenes]
+        return self.draw(scenes), captions, self.draw(sources)
+
+    @staticmethod
+    def draw(scenes) -> torch.Tensor:
+        from sd.shapes import render
+
+        return to_tensor(np.stack([np.asarray(render(scene)) for scene in scenes]))
 
 
 class FolderData:
@@ -110,10 +128,10 @@ class FolderData:
         if not self.items:
             raise ValueError(f"{folder}: no images with captions (expected pairs such as cat.png + cat.txt)")
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], None]:
         picks = [self.items[i] for i in rng.integers(len(self.items), size=n)]
         images = np.stack([np.asarray(self.square(Image.open(p).convert("RGB"))) for p, _ in picks])
-        return to_tensor(images), [t.read_text().strip() for _, t in picks]
+        return to_tensor(images), [t.read_text().strip() for _, t in picks], None
 
     def square(self, image: Image.Image) -> Image.Image:
         side = min(image.size)
@@ -220,7 +238,7 @@ class Trainer:
             stale = lambda line: line.startswith(f"{self.settings.stage},") and int(line.split(",")[1]) > step
             log.write_text("".join(line for line in lines if not stale(line)))
 
-    def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, captions: list[str], sources: torch.Tensor | None = None) -> torch.Tensor:
         randn = lambda like: torch.randn(like.shape, generator=self.noise_rng).to(like)
         if self.settings.stage == "vae":
             mean, logvar = self.models.encoder(images)
@@ -229,9 +247,7 @@ class Trainer:
             weight = 1 + self.settings.edge_weight * edges(images)
             error = ((self.models.decoder(z) - images).abs() * weight).mean() / weight.mean()
             return error + self.settings.kl_weight * kl
-        with torch.no_grad():
-            mean, logvar = self.models.encoder(images)
-            z0 = LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * randn(mean))
+        z0 = self.latents(images, randn)
         dropped = torch.rand(len(captions), generator=self.noise_rng) < self.settings.caption_dropout
         captions = ["" if drop else c for c, drop in zip(captions, dropped)]
         with torch.set_grad_enabled(self.settings.train_text_encoder):
@@ -240,15 +256,41 @@ class Trainer:
         a = self.alphas_cumprod[t][:, None, None, None]
         eps = randn(z0)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        error = (self.models.diffusion(z_t, t, context).float() - eps).pow(2).mean(dim=(1, 2, 3))
+        target = eps
+        if sources is not None:
+            z_t, target = self.edited(z_t, eps, z0, images, sources, a, ~dropped.to(self.device), randn)
+        error = (self.models.diffusion(z_t, t, context).float() - target).pow(2).mean(dim=(1, 2, 3))
         return (self.loss_weights(t) * error).mean()
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor, randn) -> torch.Tensor:
+        """[B, 4, h, w]: a draw from the frozen autoencoder's posterior, at the pipeline's scale."""
+        mean, logvar = self.models.encoder(images)
+        return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * randn(mean))
+
+    def edited(self, z_t, eps, z0, images, sources, a, captioned, randn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noised sources in place of noised images, where a source differs, the caption was kept and
+        SNR <= 1: z_t = sqrt(a) z_src + sqrt(1 - a) eps, and the target is the noise that denoises it to the
+        caption's image, eps + sqrt(a / (1 - a)) (z_src - z0). Image-to-image starts from exactly such a z_t; plain
+        training never shows a caption that contradicts the noisy image, and there the model moved a re-coloured
+        shape instead of re-colouring it. At SNR > 1 the image is mostly decided: the targets would be large and the
+        edit is left to the steps before."""
+        differs = (sources != images).flatten(1).any(dim=1)
+        edit = differs & captioned & (a.flatten() <= 1 - a.flatten())
+        if not edit.any():
+            return z_t, eps
+        z_src, a = self.latents(sources[edit], randn), a[edit]
+        z_t, target = z_t.clone(), eps.clone()
+        z_t[edit] = a.sqrt() * z_src + (1 - a).sqrt() * eps[edit]
+        target[edit] = eps[edit] + (a / (1 - a)).sqrt() * (z_src - z0[edit])
+        return z_t, target
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """[B] weights of the per-sample noise errors at timesteps t: 1, or with Min-SNR-gamma (Hang et al. 2023)
         min(SNR, gamma) / SNR, SNR = a_t / (1 - a_t). Low-noise steps have large, conflicting gradients and decide
         little of the image; capping their weight makes training converge faster (on the shapes model, 4,000 steps
         draw 89% of colours right instead of 74%), though a 6,000-step model kept fewer re-coloured shapes in place
-        than the shipped 12,000-step plain one (55% against 68%), so it is not the default."""
+        than the 12,000-step plain one (55% against 68%), so it is not the default."""
         if self.settings.min_snr_gamma is None:
             return torch.ones(t.shape, device=t.device)
         a = self.alphas_cumprod[t]
@@ -261,9 +303,10 @@ class Trainer:
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
         started = time.time()
         while self.step < s.steps:
-            images, captions = self.data.batch(self.data_rng, s.batch_size)
+            images, captions, sources = self.data.batch(self.data_rng, s.batch_size)
+            sources = None if sources is None else sources.to(self.device)
             with torch.autocast("cuda", dtype=dtype, enabled=self.autocast):
-                loss = self.loss(images.to(self.device), captions)
+                loss = self.loss(images.to(self.device), captions, sources)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -359,6 +402,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="Min-SNR-gamma loss weighting, e.g. 5: converges in fewer steps (default: off, the plain mean)",
     )
+    p.add_argument(
+        "--recolour",
+        type=float,
+        default=0.0,
+        help="shapes data: the fraction of samples to noise from a re-coloured copy, so that image-to-image "
+        "re-colouring keeps the shape in place (default 0)",
+    )
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
     p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")
@@ -380,12 +430,16 @@ def main(argv: list[str] | None = None) -> int:
         stages = ["vae", "diffusion"]
     else:
         stages = [args.stage or "diffusion"]
-    data = ShapesData() if args.data == "shapes" else FolderData(Path(args.data), args.image_size)
+    if args.recolour and args.data != "shapes":
+        raise ValueError("--recolour needs --data shapes: a folder of images has no re-coloured copies")
+    data = ShapesData(args.recolour) if args.data == "shapes" else FolderData(Path(args.data), args.image_size)
     configs = SHAPES_CONFIGS if args.configs == "shapes" else TINY_CONFIGS
     models = load_models(args.init, device=device) if fine_tuning else fresh_models(configs, device)
     models.image_size = data.image_size
     args.run.mkdir(parents=True, exist_ok=True)
     command = "python -m sd.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    if fine_tuning and models.command:  # the file's history: the commands that made the checkpoint, then this one
+        command = f"{models.command} && {command}"
     with open(args.run / "loss.log", "a") as log:
         for stage in stages:
             if stage == "diffusion" and not fine_tuning:

@@ -146,10 +146,42 @@ def test_min_snr_weights_are_diffusers_min_snr_gamma_over_snr_for_noise_predicti
     assert torch.equal(plain.loss_weights(t), torch.ones(1000)), "without gamma every step weighs 1"
 
 
+def test_recolouring_adds_sources_without_changing_the_images_or_captions_drawn():
+    plain = ShapesData().batch(np.random.default_rng(3), 64)
+    images, captions, sources = ShapesData(recolour=0.5).batch(np.random.default_rng(3), 64)
+    assert plain[2] is None, "plain shapes data has no sources"
+    assert torch.equal(images, plain[0]) and captions == plain[1], "recolouring changed the images or captions"
+    differs = (sources != images).flatten(1).any(dim=1)
+    assert 16 <= differs.sum() <= 48, f"{differs.sum()} of 64 sources re-coloured, asked for half"
+    background = (images == images[:, :, :1, :1]).all(dim=1, keepdim=True).expand_as(images)
+    assert torch.equal(sources[background], images[background]), "a re-coloured source changed the background"
+
+
+@torch.no_grad()
+def test_re_coloured_sources_are_noised_and_denoised_to_the_captioned_image():
+    models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
+    trainer = Trainer(models, Settings(), ShapesData(), Path("unused"), torch.device("cpu"))
+    images, _, sources = ShapesData(recolour=1.0).batch(np.random.default_rng(0), 5)
+    sources[4] = images[4]  # a source that is its image: nothing to edit
+    zeros = lambda like: torch.zeros_like(like)  # latents at the posterior means
+    z0 = trainer.latents(images, zeros)
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    a = torch.tensor([0.1, 0.1, 0.9, 0.3, 0.1])[:, None, None, None]  # sample 2: SNR 9, past editing
+    captioned = torch.tensor([True, False, True, True, True])  # sample 1: caption dropped, nothing to edit toward
+    z_t, target = trainer.edited(a.sqrt() * z0 + (1 - a).sqrt() * eps, eps, z0, images, sources, a, captioned, zeros)
+    denoised = (z_t - (1 - a).sqrt() * target) / a.sqrt()
+    error = (denoised - z0).abs().amax().item()
+    assert error < 1e-4, f"the targets denoise z_t to the captioned image's latent only to {error:.2e}"
+    noised_from = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+    expected = torch.where(torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None, None], trainer.latents(sources, zeros), z0)
+    error = (noised_from - expected).abs().amax().item()
+    assert error < 1e-4, f"z_t is not noised from the source where editing applies (and the image elsewhere): {error:.2e}"
+
+
 @torch.no_grad()
 def test_rescaled_latents_have_sd_v1s_scale_and_decode_the_same(tmp_path):
     models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
-    images, _ = ShapesData().batch(np.random.default_rng(0), 8)
+    images, _, _ = ShapesData().batch(np.random.default_rng(0), 8)
     before = models.decoder(models.encoder(images)[0])
     normalise_latents(models, ShapesData(), np.random.default_rng(1))
     mean, _ = models.encoder(images)
@@ -214,13 +246,24 @@ def test_fine_tuning_a_checkpoint_on_a_folder_of_captioned_images(tmp_path):
     assert not torch.equal(start.diffusion.out[2].weight, tuned.diffusion.out[2].weight), "the UNet did not change"
     assert torch.equal(start.clip.final_layer_norm.weight, tuned.clip.final_layer_norm.weight), "CLIP stays frozen"
     with safe_open(out, framework="pt") as f:
-        assert "--init" in f.metadata()["command"]
+        first, then = f.metadata()["command"].split(" && ")
+    assert first.startswith("python -m sd.train --data shapes") and f"--export {checkpoint}" in first, (
+        f"the tuned file's history does not start with the command that made its start: {first!r}"
+    )
+    assert then.startswith(f"python -m sd.train --data {data} --init {checkpoint}"), f"then {then!r}"
 
 
 def test_a_folder_without_captions_is_a_clear_error(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "lonely.png")
     with pytest.raises(ValueError, match="no images with captions"):
         main(["--data", str(tmp_path), "--init", "x.safetensors", "--run", str(tmp_path / "run")])
+
+
+def test_recolouring_needs_shapes_data_and_a_fraction(tmp_path):
+    with pytest.raises(ValueError, match="--recolour needs --data shapes"):
+        main(["--data", str(tmp_path), "--init", "x.safetensors", "--run", str(tmp_path / "run"), "--recolour", "0.3"])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]; got 30"):
+        ShapesData(recolour=30)
 
 
 def test_train_runs_as_a_module():
