@@ -103,10 +103,14 @@ class ShapesData:
 
         scenes = [random_scene(rng) for _ in range(n)]
         captions = [caption(scene, rng) for scene in scenes]
+        images = self.draw(scenes)
         if not self.recolour:
-            return self.draw(scenes), captions, None
-        sources = [recoloured(scene, rng) if rng.random() < self.recolour else scene for scene in scenes]
-        return self.draw(scenes), captions, self.draw(sources)
+            return images, captions, None
+        changed = {i: recoloured(scene, rng) for i, scene in enumerate(scenes) if rng.random() < self.recolour}
+        sources = images.clone()
+        if changed:
+            sources[list(changed)] = self.draw(list(changed.values()))
+        return images, captions, sources
 
     @staticmethod
     def draw(scenes) -> torch.Tensor:
