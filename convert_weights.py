@@ -11,16 +11,14 @@ place, so an interrupted run leaves nothing half-written.
 """
 
 import argparse
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from sd.model_converter import CheckpointError, to_ldm, to_native
-from sd.model_loader import Models, load_models, native_metadata, sha256
+from sd.model_loader import Models, load_models, native_metadata, save_atomically, sha256
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,15 +44,10 @@ def convert(
     extra = {"dtype": dtype, "source": source.name, "source_sha256": sha256(source), "source_format": models.format}
     if vae is not None:
         extra |= {"vae": Path(vae).name, "vae_sha256": sha256(Path(vae))}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        metadata = (
-            native_metadata(models, **extra) if layout == "native" else {"image_size": str(models.image_size), **extra}
-        )
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    metadata = (
+        native_metadata(models, **extra) if layout == "native" else {"image_size": str(models.image_size), **extra}
+    )
+    save_atomically(state, out, metadata)
     return models
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -394,3 +395,20 @@ def native_metadata(models: Models, **extra: str) -> dict[str, str]:
     """The safetensors metadata of our native format: the configs, so loading needs no inference."""
     configs = {name: dataclasses.asdict(cfg) for name, cfg in models.configs.items()}
     return {"format": NATIVE_FORMAT, "configs": json.dumps(configs), "image_size": str(models.image_size), **extra}
+
+
+def save_atomically(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Writes a .safetensors file whole or not at all: into a temporary file beside it, renamed into place once
+    complete. safetensors creates its files readable by their owner alone; this one gets the mode of any new file
+    (0666 less the umask)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from sd.clip import CLIP, CLIPConfig
 from sd.decoder import Decoder
 from sd.diffusion import UNet, UNetConfig
 from sd.encoder import Encoder, VAEConfig
-from sd.model_loader import Models, load_models, native_metadata
+from sd.model_loader import Models, load_models, native_metadata, save_atomically
 from sd.pipeline import LATENT_SCALE
 from sd.samplers import alphas_cumprod
 from sd.tokenizer import default_tokenizer
@@ -368,17 +368,13 @@ def fresh_models(configs: dict, device: torch.device) -> Models:
 
 def export(models: Models, path: Path, command: str, dtype: torch.dtype = torch.float16) -> None:
     """The native file (configs, image size and the training command in its metadata), written atomically."""
-    from safetensors.torch import save_file
-
     from sd.model_converter import to_native
 
     state = to_native(
         {n: {k: v.to(dtype).contiguous() for k, v in net.state_dict().items()} for n, net in models.named().items()}
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, tmp, metadata=native_metadata(models, dtype=str(dtype).removeprefix("torch."), command=command))
-    tmp.replace(path)
+    save_atomically(state, path, native_metadata(models, dtype=str(dtype).removeprefix("torch."), command=command))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -438,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = [args.stage or "diffusion"]
     if args.recolour and args.data != "shapes":
         raise ValueError("--recolour needs --data shapes: a folder of images has no re-coloured copies")
-    data = ShapesData(args.recolour) if args.data == "shapes" else FolderData(Path(args.data), args.image_size)
+    data = {stage: training_data(args, stage) for stage in stages}
     configs = SHAPES_CONFIGS if args.configs == "shapes" else TINY_CONFIGS
     models = load_models(args.init, device=device) if fine_tuning else fresh_models(configs, device)
-    models.image_size = data.image_size
+    models.image_size = data[stages[0]].image_size
     args.run.mkdir(parents=True, exist_ok=True)
     command = "python -m sd.train " + " ".join(sys.argv[1:] if argv is None else argv)
     if fine_tuning and models.command:  # the file's history: the commands that made the checkpoint, then this one
@@ -463,20 +459,28 @@ def main(argv: list[str] | None = None) -> int:
                 mixed_precision=args.mixed_precision,
                 gradient_checkpointing=args.gradient_checkpointing,
             )
-            trainer = Trainer(models, settings, data, args.run, device)
+            trainer = Trainer(models, settings, data[stage], args.run, device)
             if args.resume and (args.run / f"{stage}.pt").exists():
                 trainer.resume()
                 print(f"resuming {stage} at step {trainer.step}")
             trainer.train(log)
             trainer.use_ema()
             if stage == "vae":
-                factor = normalise_latents(models, data, np.random.default_rng(args.seed))
+                factor = normalise_latents(models, data[stage], np.random.default_rng(args.seed))
                 print(f"latents rescaled by {factor:.4f} to SD v1's scale")
                 export(models, args.run / "vae.safetensors", command, dtype=torch.float32)
     if args.export:
         export(models, args.export, command)
         print(f"wrote {args.export}")
     return 0
+
+
+def training_data(args: argparse.Namespace, stage: str):
+    """A stage's data. The autoencoder never sees re-coloured sources, so stage 1 (and the autoencoder it makes) is
+    the same whatever --recolour is."""
+    if args.data != "shapes":
+        return FolderData(Path(args.data), args.image_size)
+    return ShapesData(args.recolour if stage == "diffusion" else 0.0)
 
 
 def restore_vae(models: Models, run: Path, device: torch.device) -> None:

@@ -311,6 +311,16 @@ def test_convert_weights_never_overwrites_without_force_and_leaves_nothing_on_fa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "native.safetensors"]
 
 
+def test_converted_files_get_the_mode_of_any_new_file(checkpoint, tmp_path):
+    """safetensors alone writes files that only their owner can read."""
+    save_file(checkpoint, tmp_path / "model.safetensors")
+    assert convert(str(tmp_path / "model.safetensors"), str(tmp_path / "native.safetensors")).returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (tmp_path / "native.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, f"converted file has mode {mode:o}, new files get {0o666 & ~umask:o}"
+
+
 def test_a_native_file_exports_to_the_public_single_file_layout(checkpoint, expected, tmp_path):
     save_file(checkpoint, tmp_path / "model.safetensors")
     assert (

@@ -1,6 +1,7 @@
 """The training loop on tiny networks: the loss falls, a resumed run is the uninterrupted run, fine-tuning on a folder
 of captioned images works, and the autoencoder's latent rescaling leaves what it computes unchanged."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,12 +252,28 @@ def test_fine_tuning_a_checkpoint_on_a_folder_of_captioned_images(tmp_path):
         f"the tuned file's history does not start with the command that made its start: {first!r}"
     )
     assert then.startswith(f"python -m sd.train --data {data} --init {checkpoint}"), f"then {then!r}"
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = out.stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask, f"exported file has mode {mode:o}, new files get {0o666 & ~umask:o}"
 
 
 def test_a_folder_without_captions_is_a_clear_error(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "lonely.png")
     with pytest.raises(ValueError, match="no images with captions"):
         main(["--data", str(tmp_path), "--init", "x.safetensors", "--run", str(tmp_path / "run")])
+
+
+def test_the_autoencoder_stage_is_the_same_whatever_recolour_is(tmp_path):
+    """Re-coloured sources are for the diffusion stage: stage 1 of a --recolour run is stage 1 of a plain one."""
+    common = ["--data", "shapes", "--configs", "tiny", "--stage", "vae", "--vae-steps", "3", "--vae-batch-size", "4"]
+    for recolour in ("0", "0.5"):
+        assert main(common + ["--run", str(tmp_path / recolour), "--recolour", recolour]) == 0
+    plain, recoloured = (load_models(tmp_path / r / "vae.safetensors") for r in ("0", "0.5"))
+    for name in ("encoder", "decoder"):
+        pairs = zip(getattr(plain, name).state_dict().items(), getattr(recoloured, name).state_dict().values())
+        for (key, a), b in pairs:
+            assert torch.equal(a, b), f"{name}.{key} differs by {(a - b).abs().max():.3g} with --recolour 0.5"
 
 
 def test_recolouring_needs_shapes_data_and_a_fraction(tmp_path):
