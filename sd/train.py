@@ -434,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = [args.stage or "diffusion"]
     if args.recolour and args.data != "shapes":
         raise ValueError("--recolour needs --data shapes: a folder of images has no re-coloured copies")
-    data = {stage: training_data(args, stage) for stage in stages}
+    data = ShapesData(args.recolour) if args.data == "shapes" else FolderData(Path(args.data), args.image_size)
     configs = SHAPES_CONFIGS if args.configs == "shapes" else TINY_CONFIGS
     models = load_models(args.init, device=device) if fine_tuning else fresh_models(configs, device)
-    models.image_size = data[stages[0]].image_size
+    models.image_size = data.image_size
     args.run.mkdir(parents=True, exist_ok=True)
     command = "python -m sd.train " + " ".join(sys.argv[1:] if argv is None else argv)
     if fine_tuning and models.command:  # the file's history: the commands that made the checkpoint, then this one
@@ -459,28 +459,22 @@ def main(argv: list[str] | None = None) -> int:
                 mixed_precision=args.mixed_precision,
                 gradient_checkpointing=args.gradient_checkpointing,
             )
-            trainer = Trainer(models, settings, data[stage], args.run, device)
+            # the autoencoder never sees re-coloured sources: stage 1 is the same whatever --recolour is
+            stage_data = ShapesData() if stage == "vae" and args.data == "shapes" else data
+            trainer = Trainer(models, settings, stage_data, args.run, device)
             if args.resume and (args.run / f"{stage}.pt").exists():
                 trainer.resume()
                 print(f"resuming {stage} at step {trainer.step}")
             trainer.train(log)
             trainer.use_ema()
             if stage == "vae":
-                factor = normalise_latents(models, data[stage], np.random.default_rng(args.seed))
+                factor = normalise_latents(models, stage_data, np.random.default_rng(args.seed))
                 print(f"latents rescaled by {factor:.4f} to SD v1's scale")
                 export(models, args.run / "vae.safetensors", command, dtype=torch.float32)
     if args.export:
         export(models, args.export, command)
         print(f"wrote {args.export}")
     return 0
-
-
-def training_data(args: argparse.Namespace, stage: str):
-    """A stage's data. The autoencoder never sees re-coloured sources, so stage 1 (and the autoencoder it makes) is
-    the same whatever --recolour is."""
-    if args.data != "shapes":
-        return FolderData(Path(args.data), args.image_size)
-    return ShapesData(args.recolour if stage == "diffusion" else 0.0)
 
 
 def restore_vae(models: Models, run: Path, device: torch.device) -> None:
