@@ -397,18 +397,22 @@ def native_metadata(models: Models, **extra: str) -> dict[str, str]:
     return {"format": NATIVE_FORMAT, "configs": json.dumps(configs), "image_size": str(models.image_size), **extra}
 
 
+def new_file_mode() -> int:
+    """The permission bits a newly created file gets: 0666 less the umask (which can only be read by setting it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomically(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Writes a .safetensors file whole or not at all: into a temporary file beside it, renamed into place once
-    complete. safetensors creates its files readable by their owner alone; this one gets the mode of any new file
-    (0666 less the umask)."""
+    complete. safetensors creates its files readable by their owner alone; this one gets new_file_mode()."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(state, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

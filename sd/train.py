@@ -155,7 +155,7 @@ def edges(images: torch.Tensor) -> torch.Tensor:
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """[N, H, W, 3] uint8 -> [N, 3, H, W] in [-1, 1], contiguous: a channels-last batch would run every layer
     channels-last, where bf16 GroupNorm's backward is 20x slower on CPU."""
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
 
 
 # -- the run: models, optimiser, EMA, checkpoints --------------------------------------------------------------------
@@ -255,8 +255,7 @@ class Trainer:
     def loss(self, images: torch.Tensor, captions: list[str], sources: torch.Tensor | None = None) -> torch.Tensor:
         randn = lambda like: torch.randn(like.shape, generator=self.noise_rng).to(like)
         if self.settings.stage == "vae":
-            mean, logvar = (x.float() for x in self.models.encoder(images))
-            z = mean + torch.exp(0.5 * logvar) * randn(mean)
+            z, mean, logvar = self.posterior(images, randn)
             kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
             weight = 1 + self.settings.edge_weight * edges(images)
             error = ((self.models.decoder(z).float() - images).abs() * weight).mean() / weight.mean()
@@ -276,11 +275,16 @@ class Trainer:
         error = (self.models.diffusion(z_t, t, context).float() - target).pow(2).mean(dim=(1, 2, 3))
         return (self.loss_weights(t) * error).mean()
 
+    def posterior(self, images: torch.Tensor, randn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, mean, logvar), each [B, 4, h, w] in fp32 whatever the autocast: a draw from q(z | x) and its
+        parameters."""
+        mean, logvar = (x.float() for x in self.models.encoder(images))
+        return mean + torch.exp(0.5 * logvar) * randn(mean), mean, logvar
+
     @torch.no_grad()
     def latents(self, images: torch.Tensor, randn) -> torch.Tensor:
         """[B, 4, h, w]: a draw from the frozen autoencoder's posterior, at the pipeline's scale."""
-        mean, logvar = (x.float() for x in self.models.encoder(images))
-        return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * randn(mean))
+        return LATENT_SCALE * self.posterior(images, randn)[0]
 
     def edited(self, z_t, eps, z0, images, sources, a, captioned, randn) -> tuple[torch.Tensor, torch.Tensor]:
         """Noised sources in place of noised images, where a source differs, the caption was kept and

@@ -29,7 +29,7 @@ from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.encoder import VAEConfig
 from sd.model_converter import CheckpointError
-from sd.model_loader import load_models
+from sd.model_loader import load_models, new_file_mode
 
 CLIP_CFG, VAE_CFG, UNET_CFG = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
 ROOT = Path(__file__).parents[1]
@@ -315,10 +315,8 @@ def test_converted_files_get_the_mode_of_any_new_file(checkpoint, tmp_path):
     """safetensors alone writes files that only their owner can read."""
     save_file(checkpoint, tmp_path / "model.safetensors")
     assert convert(str(tmp_path / "model.safetensors"), str(tmp_path / "native.safetensors")).returncode == 0
-    umask = os.umask(0)
-    os.umask(umask)
     mode = (tmp_path / "native.safetensors").stat().st_mode & 0o777
-    assert mode == 0o666 & ~umask, f"converted file has mode {mode:o}, new files get {0o666 & ~umask:o}"
+    assert mode == new_file_mode(), f"converted file has mode {mode:o}, new files get {new_file_mode():o}"
 
 
 def test_a_native_file_exports_to_the_public_single_file_layout(checkpoint, expected, tmp_path):

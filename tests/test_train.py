@@ -1,7 +1,6 @@
 """The training loop on tiny networks: the loss falls, a resumed run is the uninterrupted run, fine-tuning on a folder
 of captioned images works, and the autoencoder's latent rescaling leaves what it computes unchanged."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sd.model_loader import load_models
+from sd.model_loader import load_models, new_file_mode
 from sd.pipeline import LATENT_SCALE
 from sd.train import TINY_CONFIGS, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
 
@@ -63,7 +62,8 @@ def test_mixed_precision_on_cpu_computes_in_bf16_near_fp32(tmp_path, stage):
         run = tmp_path / str(mixed)
         run.mkdir()
         settings = Settings(stage=stage, steps=3, batch_size=4, train_text_encoder=True, mixed_precision=mixed)
-        trainer = Trainer(fresh_models(TINY_CONFIGS, torch.device("cpu")), settings, ShapesData(), run, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        trainer = Trainer(fresh_models(TINY_CONFIGS, cpu), settings, ShapesData(), run, cpu)
         assert trainer.autocast == (torch.bfloat16 if mixed else None)
         with open(run / "loss.log", "w") as log:
             trainer.train(log)
@@ -277,10 +277,8 @@ def test_fine_tuning_a_checkpoint_on_a_folder_of_captioned_images(tmp_path):
         f"the tuned file's history does not start with the command that made its start: {first!r}"
     )
     assert then.startswith(f"python -m sd.train --data {data} --init {checkpoint}"), f"then {then!r}"
-    umask = os.umask(0)
-    os.umask(umask)
     mode = out.stat().st_mode & 0o777
-    assert mode == 0o666 & ~umask, f"exported file has mode {mode:o}, new files get {0o666 & ~umask:o}"
+    assert mode == new_file_mode(), f"exported file has mode {mode:o}, new files get {new_file_mode():o}"
 
 
 def test_a_folder_without_captions_is_a_clear_error(tmp_path):
