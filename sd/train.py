@@ -9,6 +9,7 @@ training steps, and 10% of captions replaced by "" so that classifier-free guida
 weights each sample's error by min(SNR, 5) / SNR instead (Min-SNR-gamma, Hang et al. 2023). On the shapes data,
 `--recolour 0.3` noises that fraction of samples from a copy with the shape in another colour and asks for the
 caption's image back (see Trainer.edited): the edit image-to-image re-colouring makes, which plain training never shows.
+`--latent-pool N` encodes N samples once and draws the diffusion batches from their posteriors (see LatentPool).
 
 Both: AdamW, gradient clipping, EMA weights (what gets exported), a fixed seed, a checkpoint every `--save-every`
 steps that `--resume` continues from exactly, a tqdm bar with the loss, a loss log (`loss.log` in the run folder),
@@ -83,6 +84,7 @@ class Settings:
     save_every: int = 500
     mixed_precision: bool = False
     gradient_checkpointing: bool = False
+    latent_pool: int = 0  # diffusion: samples encoded once and drawn from (LatentPool); 0: encode every batch afresh
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -119,6 +121,28 @@ class ShapesData:
         from sd.shapes import render
 
         return to_tensor(np.stack([np.asarray(render(scene)) for scene in scenes]))
+
+
+class LatentPool:
+    """Diffusion batches drawn from `size` samples that the frozen autoencoder encoded once: each draw takes a fresh
+    latent from a sample's posterior, with fresh noise, timestep and caption dropout (a sample keeps the caption it was
+    drawn with). On 2 CPU cores encoding a batch took a fifth of a shapes UNet step."""
+
+    def __init__(self, data, encoded, size: int, rng: np.random.Generator, chunk: int = 64):
+        """encoded: (images, captions, sources) -> (moments, captions, source moments or None), as Trainer.encoded."""
+        parts = []
+        with tqdm(total=size, desc="latent pool", dynamic_ncols=True) as bar:
+            for start in range(0, size, chunk):
+                parts.append(encoded(*data.batch(rng, min(chunk, size - start))))
+                bar.update(len(parts[-1][1]))
+        self.moments = torch.cat([moments for moments, _, _ in parts])
+        self.captions = [c for _, captions, _ in parts for c in captions]
+        self.sources = None if parts[0][2] is None else torch.cat([sources for _, _, sources in parts])
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        picks = rng.integers(len(self.captions), size=n)
+        sources = None if self.sources is None else self.sources[picks]
+        return self.moments[picks], [self.captions[i] for i in picks], sources
 
 
 class FolderData:
@@ -200,6 +224,7 @@ class Trainer:
         self.data_rng = np.random.default_rng(settings.seed)
         self.noise_rng = torch.Generator().manual_seed(settings.seed)
         self.alphas_cumprod = alphas_cumprod().to(device)
+        self.pool = None
         self.autocast = autocast_dtype(device) if settings.mixed_precision else None
         # In bf16 on CPU the flash attention kernel's backward is slow with small heads: the shapes model's UNet step
         # takes 0.75x the time with the math kernel. That holds whole attention matrices, too many at SD's 4096 tokens.
@@ -252,52 +277,95 @@ class Trainer:
             stale = lambda line: line.startswith(f"{self.settings.stage},") and int(line.split(",")[1]) > step
             log.write_text("".join(line for line in lines if not stale(line)))
 
-    def loss(self, images: torch.Tensor, captions: list[str], sources: torch.Tensor | None = None) -> torch.Tensor:
-        randn = lambda like: torch.randn(like.shape, generator=self.noise_rng).to(like)
-        if self.settings.stage == "vae":
-            z, mean, logvar = self.posterior(images, randn)
-            kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
-            weight = 1 + self.settings.edge_weight * edges(images)
-            error = ((self.models.decoder(z).float() - images).abs() * weight).mean() / weight.mean()
-            return error + self.settings.kl_weight * kl
-        z0 = self.latents(images, randn)
+    def computing(self) -> contextlib.ExitStack:
+        """The context every forward pass runs in: autocast with mixed precision, the math attention kernel where it
+        is the faster one."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None))
+        if self.math_attention:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
+    def next_batch(self) -> tuple:
+        """The vae stage's (images,), or the diffusion stage's (moments, captions, source moments or None)."""
+        n = self.settings.batch_size
+        if self.pool is not None:
+            return self.pool.batch(self.data_rng, n)
+        images, captions, sources = self.data.batch(self.data_rng, n)
+        return (images.to(self.device),) if self.settings.stage == "vae" else self.encoded(images, captions, sources)
+
+    def vae_loss(self, images: torch.Tensor) -> torch.Tensor:
+        z, mean, logvar = self.posterior(images)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+        weight = 1 + self.settings.edge_weight * edges(images)
+        error = ((self.models.decoder(z).float() - images).abs() * weight).mean() / weight.mean()
+        return error + self.settings.kl_weight * kl
+
+    def diffusion_loss(
+        self, moments: torch.Tensor, captions: list[str], sources: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """moments, sources: [B, 8, h, w] posteriors (see encode) of the images and of what to noise instead."""
+        z0 = self.latents(moments)
         dropped = torch.rand(len(captions), generator=self.noise_rng) < self.settings.caption_dropout
         captions = ["" if drop else c for c, drop in zip(captions, dropped)]
         with torch.set_grad_enabled(self.settings.train_text_encoder):
             context = self.models.clip(self.models.tokenizer(captions).to(self.device))
         t = torch.randint(0, len(self.alphas_cumprod), (len(captions),), generator=self.noise_rng).to(self.device)
         a = self.alphas_cumprod[t][:, None, None, None]
-        eps = randn(z0)
+        eps = self.randn(z0)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
         target = eps
         if sources is not None:
-            z_t, target = self.edited(z_t, eps, z0, images, sources, a, ~dropped.to(self.device), randn)
+            z_t, target = self.edited(z_t, eps, z0, moments, sources, a, ~dropped.to(self.device))
         error = (self.models.diffusion(z_t, t, context).float() - target).pow(2).mean(dim=(1, 2, 3))
         return (self.loss_weights(t) * error).mean()
 
-    def posterior(self, images: torch.Tensor, randn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def randn(self, like: torch.Tensor) -> torch.Tensor:
+        """Noise shaped and typed like `like`, from the run's noise generator (on the CPU: the same on every device)."""
+        return torch.randn(like.shape, generator=self.noise_rng).to(like)
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z, mean, logvar), each [B, 4, h, w] in fp32 whatever the autocast: a draw from q(z | x) and its
         parameters."""
         mean, logvar = (x.float() for x in self.models.encoder(images))
-        return mean + torch.exp(0.5 * logvar) * randn(mean), mean, logvar
+        return mean + torch.exp(0.5 * logvar) * self.randn(mean), mean, logvar
 
     @torch.no_grad()
-    def latents(self, images: torch.Tensor, randn) -> torch.Tensor:
-        """[B, 4, h, w]: a draw from the frozen autoencoder's posterior, at the pipeline's scale."""
-        return LATENT_SCALE * self.posterior(images, randn)[0]
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 8, h, w] fp32, whatever the autocast: the frozen autoencoder's posterior q(z | x), its mean and
+        log-variance stacked on the channels (as LDM's encoder outputs them)."""
+        return torch.cat([x.float() for x in self.models.encoder(images.to(self.device))], dim=1)
 
-    def edited(self, z_t, eps, z0, images, sources, a, captioned, randn) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoded(self, images: torch.Tensor, captions: list[str], sources: torch.Tensor | None) -> tuple:
+        """A diffusion batch from a data batch: (moments, captions, source moments or None); a source is encoded only
+        where it differs from its image."""
+        moments = self.encode(images)
+        if sources is None:
+            return moments, captions, None
+        changed = (sources != images).flatten(1).any(dim=1)
+        source_moments = moments.clone()
+        if changed.any():
+            source_moments[changed.to(self.device)] = self.encode(sources[changed])
+        return moments, captions, source_moments
+
+    @torch.no_grad()
+    def latents(self, moments: torch.Tensor) -> torch.Tensor:
+        """[B, 4, h, w]: a draw from the posterior q(z | x) (as `encode` gives it), at the pipeline's scale."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * self.randn(mean))
+
+    def edited(self, z_t, eps, z0, moments, sources, a, captioned) -> tuple[torch.Tensor, torch.Tensor]:
         """Noised sources in place of noised images, where a source differs, the caption was kept and
         SNR <= 1: z_t = sqrt(a) z_src + sqrt(1 - a) eps, and the target is the noise that denoises it to the
         caption's image, eps + sqrt(a / (1 - a)) (z_src - z0). Image-to-image starts from exactly such a z_t; plain
         training never shows a caption that contradicts the noisy image, and there the model moved a re-coloured
         shape instead of re-colouring it. At SNR > 1 the image is mostly decided: the targets would be large and the
         edit is left to the steps before."""
-        differs = (sources != images).flatten(1).any(dim=1)
+        differs = (sources != moments).flatten(1).any(dim=1)
         edit = differs & captioned & (a.flatten() <= 1 - a.flatten())
         if not edit.any():
             return z_t, eps
-        z_src, a = self.latents(sources[edit], randn), a[edit]
+        z_src, a = self.latents(sources[edit]), a[edit]
         z_t, target = z_t.clone(), eps.clone()
         z_t[edit] = a.sqrt() * z_src + (1 - a).sqrt() * eps[edit]
         target[edit] = eps[edit] + (a / (1 - a)).sqrt() * (z_src - z0[edit])
@@ -317,14 +385,15 @@ class Trainer:
 
     def train(self, log) -> None:
         s = self.settings
+        if s.stage == "diffusion" and s.latent_pool and self.pool is None:
+            with self.computing():  # its own generator: a resumed run rebuilds the same pool
+                self.pool = LatentPool(self.data, self.encoded, s.latent_pool, np.random.default_rng((s.seed, 1)))
         bar = tqdm(total=s.steps, initial=self.step, desc=s.stage, dynamic_ncols=True)
         started = time.time()
+        loss_of = self.vae_loss if s.stage == "vae" else self.diffusion_loss
         while self.step < s.steps:
-            images, captions, sources = self.data.batch(self.data_rng, s.batch_size)
-            sources = None if sources is None else sources.to(self.device)
-            autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
-            with autocast, sdpa_kernel(SDPBackend.MATH) if self.math_attention else contextlib.nullcontext():
-                loss = self.loss(images.to(self.device), captions, sources)
+            with self.computing():
+                loss = loss_of(*self.next_batch())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -445,6 +514,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bf16 autocast (fp16 on GPUs without bf16); fp32 weights, faster on CPUs with AVX512-BF16 or AMX",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations: less memory")
+    p.add_argument(
+        "--latent-pool",
+        type=int,
+        default=0,
+        metavar="N",
+        help="encode N samples once and draw diffusion batches from them (default 0: encode every batch afresh)",
+    )
     return p.parse_args(argv)
 
 
@@ -482,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_every=args.save_every,
                 mixed_precision=args.mixed_precision,
                 gradient_checkpointing=args.gradient_checkpointing,
+                latent_pool=args.latent_pool,
             )
             # the autoencoder never sees re-coloured sources: stage 1 is the same whatever --recolour is
             stage_data = ShapesData() if stage == "vae" and args.data == "shapes" else data

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from sd.model_loader import load_models, new_file_mode
 from sd.pipeline import LATENT_SCALE
-from sd.train import TINY_CONFIGS, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
+from sd.train import TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,11 +22,15 @@ def losses(run: Path, stage: str) -> list[float]:
     return [float(line.split(",")[2]) for line in (run / "loss.log").read_text().splitlines() if line.startswith(stage)]
 
 
-@pytest.mark.parametrize("precision", [[], ["--mixed-precision"]], ids=["fp32", "bf16"])
-def test_both_stages_lower_their_loss(tmp_path, precision):
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--mixed-precision"], ["--mixed-precision", "--latent-pool", "64"]],
+    ids=["fp32", "bf16", "bf16, latent pool"],
+)
+def test_both_stages_lower_their_loss(tmp_path, options):
     assert (
         main(
-            precision
+            options
             + [
                 "--data",
                 "shapes",
@@ -84,42 +88,48 @@ class Interrupted(Exception):
     pass
 
 
-class InterruptedData(ShapesData):
-    """The shapes data, but the run is killed when it asks for batch number `after` + 1."""
+class InterruptedLog:
+    """A loss log whose run is killed as it finishes step `after` + 1, before that step is logged."""
 
-    def __init__(self, after: int):
-        super().__init__()
-        self.left = after
+    def __init__(self, file, after: int):
+        self.file, self.after = file, after
 
-    def batch(self, rng, n):
-        if self.left == 0:
+    def write(self, line: str) -> None:
+        if int(line.split(",")[1]) > self.after:
             raise Interrupted
-        self.left -= 1
-        return super().batch(rng, n)
+        self.file.write(line)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
-def train(run: Path, data: ShapesData, resume: bool = False) -> Trainer:
+def train(run: Path, latent_pool: int, resume: bool = False, killed_after: int | None = None) -> Trainer:
     run.mkdir(exist_ok=True)
     models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
-    trainer = Trainer(
-        models,
-        Settings(stage="diffusion", steps=10, batch_size=4, lr=1e-3, save_every=5, train_text_encoder=True, seed=7),
-        data,
-        run,
-        torch.device("cpu"),
+    settings = Settings(
+        stage="diffusion",
+        steps=10,
+        batch_size=4,
+        lr=1e-3,
+        save_every=5,
+        train_text_encoder=True,
+        seed=7,
+        latent_pool=latent_pool,
     )
+    trainer = Trainer(models, settings, ShapesData(recolour=0.5), run, torch.device("cpu"))
     if resume:
         trainer.resume()
     with open(run / "loss.log", "a") as log:
-        trainer.train(log)
+        trainer.train(log if killed_after is None else InterruptedLog(log, killed_after))
     return trainer
 
 
-def test_a_resumed_run_continues_from_its_saved_step_and_ends_where_an_uninterrupted_one_does(tmp_path):
-    straight = train(tmp_path / "straight", ShapesData())
+@pytest.mark.parametrize("latent_pool", [0, 12], ids=["encoding every batch", "latent pool"])
+def test_a_resumed_run_continues_from_its_saved_step_and_ends_where_an_uninterrupted_one_does(tmp_path, latent_pool):
+    straight = train(tmp_path / "straight", latent_pool)
     with pytest.raises(Interrupted):
-        train(tmp_path / "interrupted", InterruptedData(after=7))  # killed after step 7, saved at step 5
-    resumed = train(tmp_path / "interrupted", ShapesData(), resume=True)
+        train(tmp_path / "interrupted", latent_pool, killed_after=7)  # saved at step 5
+    resumed = train(tmp_path / "interrupted", latent_pool, resume=True)
     assert resumed.step == 10
     logged = losses(tmp_path / "interrupted", "diffusion")
     assert len(logged) == 10, f"{len(logged)} losses logged for 10 steps: steps 6-7 were trained twice"
@@ -131,6 +141,26 @@ def test_a_resumed_run_continues_from_its_saved_step_and_ends_where_an_uninterru
             assert torch.equal(a, b), f"{name}.{key} differs after resuming"
         for a, b in zip(straight.ema.shadow[name].parameters(), resumed.ema.shadow[name].parameters()):
             assert torch.equal(a, b), f"{name}'s EMA differs after resuming"
+
+
+@torch.no_grad()
+def test_a_latent_pool_holds_the_autoencoders_posteriors_of_the_samples_it_drew():
+    data = ShapesData(recolour=0.5)
+    cpu = torch.device("cpu")
+    trainer = Trainer(fresh_models(TINY_CONFIGS, cpu), Settings(), data, Path("unused"), cpu)
+    pool = LatentPool(data, trainer.encoded, 10, np.random.default_rng(0), chunk=4)
+    rng = np.random.default_rng(0)
+    drawn = [data.batch(rng, n) for n in (4, 4, 2)]  # the pool's chunks
+    images, sources = (torch.cat([batch[i] for batch in drawn]) for i in (0, 2))
+    assert pool.captions == [c for _, captions, _ in drawn for c in captions]
+    torch.testing.assert_close(pool.moments, trainer.encode(images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pool.sources, trainer.encode(sources), rtol=0, atol=1e-5)
+    changed = (sources != images).flatten(1).any(dim=1)
+    assert 0 < changed.sum() < 10 and torch.equal(pool.sources[~changed], pool.moments[~changed])
+    moments, captions, batch_sources = pool.batch(np.random.default_rng(1), 6)
+    picks = np.random.default_rng(1).integers(10, size=6)
+    assert torch.equal(moments, pool.moments[picks]) and torch.equal(batch_sources, pool.sources[picks])
+    assert captions == [pool.captions[i] for i in picks]
 
 
 def test_the_resume_flag_of_the_command_picks_up_the_run(tmp_path, capsys):
@@ -189,17 +219,19 @@ def test_re_coloured_sources_are_noised_and_denoised_to_the_captioned_image():
     trainer = Trainer(models, Settings(), ShapesData(), Path("unused"), torch.device("cpu"))
     images, _, sources = ShapesData(recolour=1.0).batch(np.random.default_rng(0), 5)
     sources[4] = images[4]  # a source that is its image: nothing to edit
-    zeros = lambda like: torch.zeros_like(like)  # latents at the posterior means
-    z0 = trainer.latents(images, zeros)
+    moments, _, source_moments = trainer.encoded(images, [""] * 5, sources)
+    trainer.randn = lambda like: torch.zeros_like(like)  # latents at the posterior means
+    z0 = trainer.latents(moments)
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
     a = torch.tensor([0.1, 0.1, 0.9, 0.3, 0.1])[:, None, None, None]  # sample 2: SNR 9, past editing
     captioned = torch.tensor([True, False, True, True, True])  # sample 1: caption dropped, nothing to edit toward
-    z_t, target = trainer.edited(a.sqrt() * z0 + (1 - a).sqrt() * eps, eps, z0, images, sources, a, captioned, zeros)
+    z_t, target = trainer.edited(a.sqrt() * z0 + (1 - a).sqrt() * eps, eps, z0, moments, source_moments, a, captioned)
     denoised = (z_t - (1 - a).sqrt() * target) / a.sqrt()
     error = (denoised - z0).abs().amax().item()
     assert error < 1e-4, f"the targets denoise z_t to the captioned image's latent only to {error:.2e}"
     noised_from = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
-    expected = torch.where(torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None, None], trainer.latents(sources, zeros), z0)
+    from_source = torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None, None]
+    expected = torch.where(from_source, trainer.latents(trainer.encode(sources)), z0)
     error = (noised_from - expected).abs().amax().item()
     assert error < 1e-4, f"z_t is not noised from the source where editing applies (and the image elsewhere): {error:.2e}"
 
