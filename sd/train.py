@@ -466,6 +466,14 @@ def export(models: Models, path: Path, command: str, dtype: torch.dtype = torch.
     save_atomically(state, path, native_metadata(models, dtype=str(dtype).removeprefix("torch."), command=command))
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd.train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help='"shapes" (synthetic) or a folder of images with .txt captions')
@@ -501,6 +509,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "re-colouring keeps the shape in place (default 0)",
     )
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
+    p.add_argument(
+        "--caption-dropout",
+        type=fraction,
+        default=Settings.caption_dropout,
+        help="diffusion: the fraction of captions replaced by the empty prompt, which trains the unconditional "
+        "prediction that classifier-free guidance extrapolates from (default 0.1, as SD v1)",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=fraction,
+        default=Settings.ema_decay,
+        help="the decay of the exponential moving average of the weights that is exported (default 0.999)",
+    )
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
     p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")
     p.add_argument("--seed", type=int, default=0)
@@ -559,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                 mixed_precision=args.mixed_precision,
                 gradient_checkpointing=args.gradient_checkpointing,
                 latent_pool=args.latent_pool,
+                caption_dropout=args.caption_dropout,
+                ema_decay=args.ema_decay,
             )
             # the autoencoder never sees re-coloured sources: stage 1 is the same whatever --recolour is
             stage_data = ShapesData() if stage == "vae" and args.data == "shapes" else data

@@ -186,6 +186,38 @@ def test_the_resume_flag_of_the_command_picks_up_the_run(tmp_path, capsys):
     assert len(losses(tmp_path, "diffusion")) == 6
 
 
+def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fractions(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_trainer(models, settings, *args):
+        seen.append(settings)
+        raise Stop
+
+    monkeypatch.setattr("sd.train.Trainer", recording_trainer)
+    args = ["--data", "shapes", "--configs", "tiny", "--run", str(tmp_path), "--stage", "vae"]
+    with pytest.raises(Stop):
+        main(args + ["--caption-dropout", "0.25", "--ema-decay", "0.99"])
+    assert (seen[0].caption_dropout, seen[0].ema_decay) == (0.25, 0.99)
+    with pytest.raises(SystemExit):
+        main(args + ["--caption-dropout", "1.5"])
+    assert "--caption-dropout: must be in [0, 1]; got 1.5" in capsys.readouterr().err
+
+
+def test_with_every_caption_dropped_the_unet_sees_only_the_empty_prompt():
+    cpu = torch.device("cpu")
+    models = fresh_models(TINY_CONFIGS, cpu)
+    tokenized = []
+    tokenizer = models.tokenizer
+    models.tokenizer = lambda captions: tokenized.append(list(captions)) or tokenizer(captions)
+    trainer = Trainer(models, Settings(caption_dropout=1.0), ShapesData(), Path("unused"), cpu)
+    images, captions, _ = ShapesData().batch(np.random.default_rng(0), 3)
+    trainer.diffusion_loss(trainer.encode(images), captions)
+    assert tokenized == [["", "", ""]], f"the UNet was conditioned on {tokenized}"
+
+
 def test_min_snr_weights_are_diffusers_min_snr_gamma_over_snr_for_noise_prediction():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
