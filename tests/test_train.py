@@ -18,6 +18,11 @@ from sd.train import TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fr
 ROOT = Path(__file__).parents[1]
 
 
+def tiny_shapes_run(run: Path, *options: str) -> list[str]:
+    """The command line of a run of the tiny configs on the shapes data, in folder run."""
+    return ["--data", "shapes", "--configs", "tiny", "--run", str(run), *options]
+
+
 def losses(run: Path, stage: str) -> list[float]:
     return [float(line.split(",")[2]) for line in (run / "loss.log").read_text().splitlines() if line.startswith(stage)]
 
@@ -28,30 +33,8 @@ def losses(run: Path, stage: str) -> list[float]:
     ids=["fp32", "bf16", "bf16, latent pool"],
 )
 def test_both_stages_lower_their_loss(tmp_path, options):
-    assert (
-        main(
-            options
-            + [
-                "--data",
-                "shapes",
-                "--run",
-                str(tmp_path),
-                "--configs",
-                "tiny",
-                "--vae-steps",
-                "60",
-                "--steps",
-                "40",
-                "--vae-batch-size",
-                "8",
-                "--batch-size",
-                "8",
-                "--save-every",
-                "20",
-            ]
-        )
-        == 0
-    )
+    lengths = ["--vae-steps", "60", "--steps", "40", "--vae-batch-size", "8", "--batch-size", "8", "--save-every", "20"]
+    assert main(tiny_shapes_run(tmp_path, *lengths, *options)) == 0
     for stage, steps in (("vae", 60), ("diffusion", 40)):
         values = losses(tmp_path, stage)
         assert len(values) == steps
@@ -164,22 +147,8 @@ def test_a_latent_pool_holds_the_autoencoders_posteriors_of_the_samples_it_drew(
 
 
 def test_the_resume_flag_of_the_command_picks_up_the_run(tmp_path, capsys):
-    args = [
-        "--data",
-        "shapes",
-        "--run",
-        str(tmp_path),
-        "--configs",
-        "tiny",
-        "--vae-steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--vae-batch-size",
-        "4",
-        "--save-every",
-        "2",
-    ]
+    batches = ("--batch-size", "4", "--vae-batch-size", "4")
+    args = tiny_shapes_run(tmp_path, "--vae-steps", "4", *batches, "--save-every", "2")
     assert main(args + ["--steps", "4"]) == 0
     assert main(args + ["--steps", "6", "--resume"]) == 0
     assert "resuming diffusion at step 4" in capsys.readouterr().out
@@ -197,7 +166,7 @@ def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fract
         raise Stop
 
     monkeypatch.setattr("sd.train.Trainer", recording_trainer)
-    args = ["--data", "shapes", "--configs", "tiny", "--run", str(tmp_path), "--stage", "vae"]
+    args = tiny_shapes_run(tmp_path, "--stage", "vae")
     with pytest.raises(Stop):
         main(args + ["--caption-dropout", "0.25", "--ema-decay", "0.99"])
     assert (seen[0].caption_dropout, seen[0].ema_decay) == (0.25, 0.99)
@@ -353,9 +322,9 @@ def test_a_folder_without_captions_is_a_clear_error(tmp_path):
 
 def test_the_autoencoder_stage_is_the_same_whatever_recolour_is(tmp_path):
     """Re-coloured sources are for the diffusion stage: stage 1 of a --recolour run is stage 1 of a plain one."""
-    common = ["--data", "shapes", "--configs", "tiny", "--stage", "vae", "--vae-steps", "3", "--vae-batch-size", "4"]
     for recolour in ("0", "0.5"):
-        assert main(common + ["--run", str(tmp_path / recolour), "--recolour", recolour]) == 0
+        options = ("--stage", "vae", "--vae-steps", "3", "--vae-batch-size", "4", "--recolour", recolour)
+        assert main(tiny_shapes_run(tmp_path / recolour, *options)) == 0
     plain, recoloured = (load_models(tmp_path / r / "vae.safetensors") for r in ("0", "0.5"))
     for name in ("encoder", "decoder"):
         pairs = zip(getattr(plain, name).state_dict().items(), getattr(recoloured, name).state_dict().values())
