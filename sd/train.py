@@ -520,7 +520,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ema-decay",
         type=fraction,
         default=Settings.ema_decay,
-        help="the decay of the exponential moving average of the weights that is exported (default 0.999)",
+        help="the decay of the exponential moving average of the weights that is exported (default 0.999); its "
+        "warm-up decay (1 + n) / (10 + n) is lower than 0.999 until step 8,990, so shorter runs never reach it",
     )
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
     p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from sd.model_loader import load_models, new_file_mode
 from sd.pipeline import LATENT_SCALE
-from sd.train import TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
+from sd.train import EMA, TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
 
 ROOT = Path(__file__).parents[1]
 
@@ -175,6 +175,21 @@ def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fract
     assert "--caption-dropout: must be in [0, 1]; got 1.5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "decay, step, expected",
+    [(0.999, 0, 0.1), (0.999, 6400, 6401 / 6410), (0.9995, 6400, 6401 / 6410), (0.999, 9000, 0.999)],
+)
+def test_the_ema_decay_is_the_warm_up_until_the_warm_up_passes_it(decay, step, expected):
+    """The warm-up (1 + n) / (10 + n) reaches 0.999 only at step 8,990: shorter runs never use --ema-decay 0.999."""
+    weight = {"net": torch.nn.Linear(1, 1, bias=False)}
+    torch.nn.init.zeros_(weight["net"].weight)
+    ema = EMA(weight, decay)
+    torch.nn.init.ones_(weight["net"].weight)
+    ema.update(weight, step)
+    used = 1 - ema.shadow["net"].weight.item()
+    assert used == pytest.approx(expected, abs=1e-6), f"decay {used:.6f} at step {step}, expected {expected:.6f}"
+
+
 def test_with_every_caption_dropped_the_unet_sees_only_the_empty_prompt():
     cpu = torch.device("cpu")
     models = fresh_models(TINY_CONFIGS, cpu)
@@ -234,7 +249,8 @@ def test_re_coloured_sources_are_noised_and_denoised_to_the_captioned_image():
     from_source = torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None, None]
     expected = torch.where(from_source, trainer.latents(trainer.encode(sources)), z0)
     error = (noised_from - expected).abs().amax().item()
-    assert error < 1e-4, f"z_t is not noised from the source where editing applies (and the image elsewhere): {error:.2e}"
+    where = "where editing applies (and the image elsewhere)"
+    assert error < 1e-4, f"z_t is not noised from the source {where}: {error:.2e}"
 
 
 @torch.no_grad()
