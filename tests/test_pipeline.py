@@ -63,34 +63,46 @@ def run_diffusers(pipeline, name, karras, seed, **kwargs):
     return pipeline(generator=generator, **kwargs).images
 
 
-@pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
-def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
-    ours = generate(
+def prompted_latents(models, pipeline, name, karras, seed, steps, ours, theirs):
+    """Our latents and diffusers' for PROMPT and NEGATIVE with one sampler, seed and step count; ours and theirs are
+    the remaining keywords of each."""
+    mine = generate(
         PROMPT,
         models,
         negative_prompt=NEGATIVE,
         sampler=name,
         karras=karras,
-        steps=5,
-        seed=1234,
-        width=64,
-        height=48,
-        batch_size=2,
+        steps=steps,
+        seed=seed,
         output_type="latent",
         progress=False,
+        **ours,
     )
     expected = run_diffusers(
+        pipeline,
+        name,
+        karras,
+        seed,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=steps,
+        output_type="latent",
+        **theirs,
+    )
+    return mine, expected
+
+
+@pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
+def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
+    ours, expected = prompted_latents(
+        models,
         pipelines[0],
         name,
         karras,
-        1234,
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=5,
-        height=48,
-        width=64,
-        num_images_per_prompt=2,
-        output_type="latent",
+        seed=1234,
+        steps=5,
+        ours=dict(width=64, height=48, batch_size=2),
+        theirs=dict(width=64, height=48, num_images_per_prompt=2),
     )
     assert ours.seed == 1234
     assert_close(ours.images, expected, f"txt2img {name} karras={karras} latents")
@@ -99,30 +111,15 @@ def test_text_to_image_latents_match_diffusers_for_the_same_seed(models, pipelin
 @pytest.mark.parametrize("name, karras", SAMPLER_CASES, ids=SAMPLER_IDS)
 def test_image_to_image_latents_match_diffusers_for_the_same_seed(models, pipelines, name, karras):
     image, strength = init_image(), pipeline_comparable_strength(name, 0.6)
-    ours = generate(
-        PROMPT,
+    ours, expected = prompted_latents(
         models,
-        negative_prompt=NEGATIVE,
-        sampler=name,
-        karras=karras,
-        steps=6,
-        seed=77,
-        init_image=image,
-        strength=strength,
-        output_type="latent",
-        progress=False,
-    )
-    expected = run_diffusers(
         pipelines[1],
         name,
         karras,
-        77,
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image,
-        strength=strength,
-        num_inference_steps=6,
-        output_type="latent",
+        seed=77,
+        steps=6,
+        ours=dict(init_image=image, strength=strength),
+        theirs=dict(image=image, strength=strength),
     )
     assert_close(ours.images, expected, f"img2img {name} karras={karras} latents")
 
