@@ -75,6 +75,7 @@ class Settings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: float = 10.0  # the EMA's decay is min(ema_decay, (1 + n) / (ema_warmup + n)) at step n
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain mean
     kl_weight: float = 1e-5
@@ -186,15 +187,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 class EMA:
-    """An exponential moving average of parameters, with the usual warm-up: decay min(d, (1 + n) / (10 + n))."""
+    """An exponential moving average of parameters with a warm-up: decay min(d, (1 + n) / (c + n)) at step n. The
+    usual c = 10 averages over about the last tenth of a run; a smaller c averages over a longer stretch of it."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
-        self.decay = decay
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float, warmup: float = 10.0):
+        self.decay, self.warmup = decay, warmup
         self.shadow = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
 
     @torch.no_grad()
     def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
+        decay = min(self.decay, (1 + step) / (self.warmup + step))
         for name, module in modules.items():
             for ema, p in zip(self.shadow[name].parameters(), module.parameters()):
                 ema.lerp_(p.detach(), 1 - decay)
@@ -219,7 +221,7 @@ class Trainer:
         fused = device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.ema = EMA(self.trained, settings.ema_decay)
+        self.ema = EMA(self.trained, settings.ema_decay, settings.ema_warmup)
         self.step = 0
         self.data_rng = np.random.default_rng(settings.seed)
         self.noise_rng = torch.Generator().manual_seed(settings.seed)
@@ -474,6 +476,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def at_least_one(text: str) -> float:
+    """An argparse type: a number >= 1."""
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd.train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help='"shapes" (synthetic) or a folder of images with .txt captions')
@@ -522,6 +532,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Settings.ema_decay,
         help="the decay of the exponential moving average of the weights that is exported (default 0.999); its "
         "warm-up decay (1 + n) / (10 + n) is lower than 0.999 until step 8,990, so shorter runs never reach it",
+    )
+    p.add_argument(
+        "--ema-warmup",
+        type=at_least_one,
+        default=Settings.ema_warmup,
+        metavar="C",
+        help="diffusion: the EMA's warm-up decay at step n is (1 + n) / (C + n) (default 10); a smaller C averages "
+        "the weights over a longer stretch of a short run",
     )
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
     p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")
@@ -583,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 latent_pool=args.latent_pool,
                 caption_dropout=args.caption_dropout,
                 ema_decay=args.ema_decay,
+                ema_warmup=args.ema_warmup if stage == "diffusion" else Settings.ema_warmup,
             )
             # the autoencoder never sees re-coloured sources: stage 1 is the same whatever --recolour is
             stage_data = ShapesData() if stage == "vae" and args.data == "shapes" else data

@@ -175,15 +175,43 @@ def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fract
     assert "--caption-dropout: must be in [0, 1]; got 1.5" in capsys.readouterr().err
 
 
+def test_the_ema_warmup_flag_reaches_only_the_diffusion_stage_and_must_be_at_least_one(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_trainer(models, settings, *args):
+        seen.append(settings)
+        raise Stop
+
+    monkeypatch.setattr("sd.train.Trainer", recording_trainer)
+    monkeypatch.setattr("sd.train.restore_vae", lambda *args: None)
+    for stage in ("vae", "diffusion"):
+        with pytest.raises(Stop):
+            main(tiny_shapes_run(tmp_path, "--stage", stage, "--ema-warmup", "4"))
+    assert [(s.stage, s.ema_warmup) for s in seen] == [("vae", 10.0), ("diffusion", 4.0)]
+    with pytest.raises(SystemExit):
+        main(tiny_shapes_run(tmp_path, "--ema-warmup", "0.5"))
+    assert "--ema-warmup: must be at least 1; got 0.5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
-    "decay, step, expected",
-    [(0.999, 0, 0.1), (0.999, 6400, 6401 / 6410), (0.9995, 6400, 6401 / 6410), (0.999, 9000, 0.999)],
+    "decay, warmup, step, expected",
+    [
+        (0.999, 10, 0, 0.1),
+        (0.999, 10, 6400, 6401 / 6410),
+        (0.9995, 10, 6400, 6401 / 6410),
+        (0.999, 10, 9000, 0.999),
+        (0.999, 4, 2000, 2001 / 2004),
+        (0.999, 4, 3000, 0.999),
+    ],
 )
-def test_the_ema_decay_is_the_warm_up_until_the_warm_up_passes_it(decay, step, expected):
+def test_the_ema_decay_is_the_warm_up_until_the_warm_up_passes_it(decay, warmup, step, expected):
     """The warm-up (1 + n) / (10 + n) reaches 0.999 only at step 8,990: shorter runs never use --ema-decay 0.999."""
     weight = {"net": torch.nn.Linear(1, 1, bias=False)}
     torch.nn.init.zeros_(weight["net"].weight)
-    ema = EMA(weight, decay)
+    ema = EMA(weight, decay, warmup)
     torch.nn.init.ones_(weight["net"].weight)
     ema.update(weight, step)
     used = 1 - ema.shadow["net"].weight.item()
