@@ -155,19 +155,26 @@ def test_the_resume_flag_of_the_command_picks_up_the_run(tmp_path, capsys):
     assert len(losses(tmp_path, "diffusion")) == 6
 
 
-def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fractions(tmp_path, monkeypatch, capsys):
-    seen = []
+class StopTraining(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
+
+def record_settings(monkeypatch) -> list[Settings]:
+    """Makes main() stop with StopTraining where it would build a Trainer; the returned list gets its Settings."""
+    seen = []
 
     def recording_trainer(models, settings, *args):
         seen.append(settings)
-        raise Stop
+        raise StopTraining
 
     monkeypatch.setattr("sd.train.Trainer", recording_trainer)
+    return seen
+
+
+def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fractions(tmp_path, monkeypatch, capsys):
+    seen = record_settings(monkeypatch)
     args = tiny_shapes_run(tmp_path, "--stage", "vae")
-    with pytest.raises(Stop):
+    with pytest.raises(StopTraining):
         main(args + ["--caption-dropout", "0.25", "--ema-decay", "0.99"])
     assert (seen[0].caption_dropout, seen[0].ema_decay) == (0.25, 0.99)
     with pytest.raises(SystemExit):
@@ -176,19 +183,10 @@ def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fract
 
 
 def test_the_ema_warmup_flag_reaches_only_the_diffusion_stage_and_must_be_at_least_one(tmp_path, monkeypatch, capsys):
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def recording_trainer(models, settings, *args):
-        seen.append(settings)
-        raise Stop
-
-    monkeypatch.setattr("sd.train.Trainer", recording_trainer)
+    seen = record_settings(monkeypatch)
     monkeypatch.setattr("sd.train.restore_vae", lambda *args: None)
     for stage in ("vae", "diffusion"):
-        with pytest.raises(Stop):
+        with pytest.raises(StopTraining):
             main(tiny_shapes_run(tmp_path, "--stage", stage, "--ema-warmup", "4"))
     assert [(s.stage, s.ema_warmup) for s in seen] == [("vae", 10.0), ("diffusion", 4.0)]
     with pytest.raises(SystemExit):
