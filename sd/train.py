@@ -190,7 +190,7 @@ class EMA:
     """An exponential moving average of parameters with a warm-up: decay min(d, (1 + n) / (c + n)) at step n. The
     usual c = 10 averages over about the last tenth of a run; a smaller c averages over a longer stretch of it."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], decay: float, warmup: float = 10.0):
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float, warmup: float):
         self.decay, self.warmup = decay, warmup
         self.shadow = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
 
@@ -468,20 +468,17 @@ def export(models: Models, path: Path, command: str, dtype: torch.dtype = torch.
     save_atomically(state, path, native_metadata(models, dtype=str(dtype).removeprefix("torch."), command=command))
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
-    return value
+def number_in(low: float, high: float = math.inf):
+    """An argparse type: a number in [low, high]."""
+    bounds = f"in [{low:g}, {high:g}]" if high < math.inf else f"at least {low:g}"
 
+    def number(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {bounds}; got {text}")
+        return value
 
-def at_least_one(text: str) -> float:
-    """An argparse type: a number >= 1."""
-    value = float(text)
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {text}")
-    return value
+    return number
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -521,21 +518,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
     p.add_argument(
         "--caption-dropout",
-        type=fraction,
+        type=number_in(0, 1),
         default=Settings.caption_dropout,
         help="diffusion: the fraction of captions replaced by the empty prompt, which trains the unconditional "
         "prediction that classifier-free guidance extrapolates from (default 0.1, as SD v1)",
     )
     p.add_argument(
         "--ema-decay",
-        type=fraction,
+        type=number_in(0, 1),
         default=Settings.ema_decay,
         help="the decay of the exponential moving average of the weights that is exported (default 0.999); its "
-        "warm-up decay (1 + n) / (10 + n) is lower than 0.999 until step 8,990, so shorter runs never reach it",
+        "warm-up decay (1 + n) / (10 + n) (the default --ema-warmup) is lower than 0.999 until step 8,990, so "
+        "shorter runs never reach it",
     )
     p.add_argument(
         "--ema-warmup",
-        type=at_least_one,
+        type=number_in(1),
         default=Settings.ema_warmup,
         metavar="C",
         help="diffusion: the EMA's warm-up decay at step n is (1 + n) / (C + n) (default 10); a smaller C averages "
