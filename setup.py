@@ -8,7 +8,11 @@ setup(
     description="Stable Diffusion v1.x from scratch in plain PyTorch",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=["sd"],
+    # the built-in model and the tokenizer's vocabulary live in the top-level weights/ and data/ folders; installed,
+    # they are sd/weights/ and sd/data/, where sd/package_data.py looks first
+    packages=["sd", "sd.train", "sd.weights", "sd.data"],
+    package_dir={"sd.weights": "weights", "sd.data": "data"},
+    package_data={"sd.weights": ["*.safetensors"], "sd.data": ["*.txt.gz", "*.LICENSE", "README.md"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.1,<3", "numpy", "pillow", "tqdm", "safetensors"],
     extras_require={

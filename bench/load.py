@@ -63,8 +63,8 @@ def diffusers_loader(path: Path, dtype):
     from reference import original_config
     from transformers import CLIPTextModel
 
+    from sd.autoencoder import VAEConfig
     from sd.diffusion import UNetConfig
-    from sd.encoder import VAEConfig
 
     yaml = original_config(VAEConfig(), UNetConfig())
 

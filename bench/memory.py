@@ -29,7 +29,8 @@ def worker(size: int, tile: int | None) -> dict:
 
     from sd.decoder import Decoder
     from sd.encoder import Encoder
-    from sd.model_converter import from_ldm, load_component
+    from sd.model_converter import from_ldm
+    from sd.model_loader import load_component
     from sd.pipeline import decode
 
     vae_keys = {k: v for k, v in public_key_shapes().items() if k.startswith("first_stage_model.")}

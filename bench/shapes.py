@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from common import write_table  # noqa: E402
 
 from sd.model_loader import load_models  # noqa: E402
-from sd.samplers import samplers  # noqa: E402
+from sd.samplers import SAMPLERS  # noqa: E402
 from sd.shapes import evaluate_placement, evaluate_recolouring, evaluate_text_to_image  # noqa: E402
 
 COLUMNS = {
@@ -98,7 +98,7 @@ def main() -> None:
 
 def sampler_table(models) -> None:
     rows = []
-    for name in samplers():
+    for name in SAMPLERS:
         start = time.perf_counter()
         strong, mild = (evaluate_text_to_image(models, sampler=name, cfg_scale=cfg) for cfg in (7.5, 3.0))
         recoloured = evaluate_recolouring(models, sampler=name)

@@ -59,9 +59,9 @@ def networks_rows(device: torch.device, dtype: torch.dtype, repeats: int, gflop:
         reference_vae,
     )
 
+    from sd.autoencoder import VAEConfig
     from sd.clip import CLIPConfig
     from sd.diffusion import UNetConfig
-    from sd.encoder import VAEConfig
 
     cfgs = CLIPConfig(), VAEConfig(), UNetConfig()
     checkpoint = {

@@ -18,14 +18,14 @@ def attention(
     that many queries at a time, bounding the attention scores' memory where the kernel would hold all of them.
     """
     b, tq, c = q.shape
-    q, k, v = (x.unflatten(-1, (heads, c // heads)).transpose(1, 2) for x in (q, k, v))
+    q, k, v = (x.unflatten(-1, (heads, c // heads)).transpose(1, 2) for x in (q, k, v))  # [B, heads, tokens, d]
     if chunk and tq > chunk and not causal:
         out = torch.cat(
             [F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v) for i in range(0, tq, chunk)], dim=2
         )
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return out.transpose(1, 2).reshape(b, tq, c)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, heads, Tq, d]
+    return out.transpose(1, 2).reshape(b, tq, c)  # [B, Tq, heads * d]
 
 
 def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
@@ -77,6 +77,6 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
+        q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # [B, H*W, C]
         out = attention(q, k, v, heads=1, chunk=self.chunk)
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))  # back to [B, C, H, W]

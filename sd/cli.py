@@ -14,8 +14,12 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from sd.model_converter import CheckpointError
-from sd.samplers import make_sampler, samplers
+from sd.attention import set_attention_chunk
+from sd.images import check_size, open_image
+from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
+from sd.models import CheckpointError
+from sd.pipeline import Parameters, generate
+from sd.samplers import SAMPLERS, make_sampler
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
-    p.add_argument("--sampler", default="euler_a", choices=list(samplers()), help="default euler_a")
+    p.add_argument("--sampler", default="euler_a", choices=list(SAMPLERS), help="default euler_a")
     p.add_argument("--karras", action="store_true", help="Karras sigma schedule (euler, lms, dpmpp_2m)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (ddim only; default 0)")
     p.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's size, 512 for SD v1.x)")
@@ -91,8 +95,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def validate(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading a model, so bad input costs nothing and writes nothing."""
-    from sd.pipeline import check_size, open_image
-
     check_size(args.width or 8, args.height or 8)
     if not 0 <= args.strength <= 1:
         raise ValueError(f"--strength must be between 0 and 1, got {args.strength}")
@@ -110,8 +112,6 @@ def validate(args: argparse.Namespace) -> None:
 
 def model_hash(path: Path) -> str:
     """A1111's "Model hash": the first 10 hex digits of the file's sha256, cached by path, size and mtime."""
-    from sd.model_loader import sha256
-
     cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd" / "hashes.json"
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -129,22 +129,24 @@ def model_hash(path: Path) -> str:
     return cache[key]
 
 
-def infotext(settings: dict, index: int, model: str, hash_: str) -> str:
-    """A1111's `parameters` text: prompt, negative prompt, then "Key: value" pairs its PNG-info reads back."""
-    per_prompt = settings["batch_size"]
-    prompt, negative = settings["prompts"][index // per_prompt], settings["negative_prompts"][index // per_prompt]
+def infotext(parameters: Parameters, index: int, model: str, hash_: str) -> str:
+    """A1111's `parameters` text for image `index`: prompt, negative prompt, then "Key: value" pairs its PNG-info
+    reads back."""
+    p = parameters
+    per_prompt = p.batch_size
+    prompt, negative = p.prompts[index // per_prompt], p.negative_prompts[index // per_prompt]
     fields = {
-        "Steps": settings["steps"],
-        "Sampler": settings["sampler"],
-        "Schedule type": "Karras" if settings["karras"] else None,
-        "CFG scale": settings["cfg_scale"],
-        "Seed": settings["seed"],
-        "Size": f"{settings['width']}x{settings['height']}",
+        "Steps": p.steps,
+        "Sampler": p.sampler,
+        "Schedule type": "Karras" if p.karras else None,
+        "CFG scale": p.cfg_scale,
+        "Seed": p.seed,
+        "Size": f"{p.width}x{p.height}",
         "Model hash": hash_,
         "Model": model,
-        "Denoising strength": settings.get("strength"),
-        "Clip skip": settings["clip_skip"] if settings["clip_skip"] > 1 else None,
-        "Eta": settings.get("eta") or None,
+        "Denoising strength": p.strength,
+        "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+        "Eta": p.eta or None,
         "Batch size": per_prompt if per_prompt > 1 else None,
         "Batch pos": index % per_prompt if per_prompt > 1 else None,
     }
@@ -186,8 +188,6 @@ def grid(images: list[Image.Image]) -> Image.Image:
 
 def tune(models, args: argparse.Namespace) -> None:
     """The speed and memory options that change the networks (the rest are generate()'s)."""
-    from sd.attention import set_attention_chunk
-
     for net in models.named().values():
         set_attention_chunk(net, args.attention_chunk)
         if args.channels_last:
@@ -197,9 +197,6 @@ def tune(models, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    from sd.model_loader import DEFAULT_CHECKPOINT, load_models
-    from sd.pipeline import generate
-
     validate(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -233,15 +230,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     )
     print(f"seed {result.seed}")
     name, hash_ = checkpoint.stem if checkpoint.is_file() else checkpoint.name, model_hash(checkpoint)
-    settings = result.settings | {"eta": args.eta}
     paths = [
-        save_png(image, args.outdir, str(result.seed), infotext(settings, i, name, hash_))
+        save_png(image, args.outdir, str(result.seed), infotext(result.parameters, i, name, hash_))
         for i, image in enumerate(result.images)
     ]
     if len(result.images) > 1:
-        paths.append(
-            save_png(grid(result.images), args.outdir, f"grid-{result.seed}", infotext(settings, 0, name, hash_))
-        )
+        info = infotext(result.parameters, 0, name, hash_)
+        paths.append(save_png(grid(result.images), args.outdir, f"grid-{result.seed}", info))
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -4,17 +4,12 @@ As diffusers' DDIMScheduler with SD v1.5's config (the last step lands on alpha_
 
 import torch
 
-from sd.samplers import TRAIN_STEPS, Sampler, leading_timesteps, noise_like
+from sd.sampling import TRAIN_STEPS, Sampler, leading_timesteps, noise_like
 
 
 class DDIM(Sampler):
     label = "DDIM"
-
-    def __init__(self, karras: bool = False, eta: float = 0.0):
-        super().__init__(karras)
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be between 0 and 1, got {eta}")
-        self.eta = eta
+    supports_eta = True
 
     def set_steps(self, steps: int, start: int = 0) -> None:
         self.timesteps = torch.from_numpy(leading_timesteps(steps))

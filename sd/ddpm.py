@@ -3,7 +3,7 @@ with x_0 predicted from the noise estimate. Fresh noise at every step. As diffus
 
 import torch
 
-from sd.samplers import Sampler, leading_timesteps, noise_like
+from sd.sampling import Sampler, leading_timesteps, noise_like
 
 
 class DDPM(Sampler):

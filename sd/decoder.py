@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd.encoder import MidBlock, ResnetBlock, VAEConfig
+from sd.autoencoder import MidBlock, ResnetBlock, VAEConfig
 
 
 class Upsample(nn.Module):

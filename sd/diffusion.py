@@ -106,6 +106,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, cfg.dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: [B, pixels, dim] image tokens; context: [B, prompt tokens, context_dim] -> [B, pixels, dim]."""
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -123,10 +124,10 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, h*w, C]: a token per pixel
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))  # back to [B, C, h, w]
 
 
 class Downsample(nn.Module):

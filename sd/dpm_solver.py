@@ -5,7 +5,7 @@ reusing the previous step's prediction. As diffusers' DPMSolverMultistepSchedule
 import numpy as np
 import torch
 
-from sd.samplers import TRAIN_STEPS, Sampler, karras_sigmas, sigma_to_t, training_sigmas
+from sd.sampling import TRAIN_STEPS, Sampler, karras_sigmas, sigma_to_t, training_sigmas
 
 
 def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ As diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler."""
 
 import torch
 
-from sd.samplers import SigmaSampler, noise_like
+from sd.sampling import SigmaSampler, noise_like
 
 
 class Euler(SigmaSampler):
@@ -20,7 +20,9 @@ class Euler(SigmaSampler):
     ) -> torch.Tensor:
         sigma = self.sigmas[i]
         x = x.float()
-        derivative = (x - (x - sigma * eps)) / sigma
+        x0 = x - sigma * eps  # the denoised estimate
+        # (x - x0) / sigma is eps again, but computed as diffusers does, so that the float32 rounding is the same
+        derivative = (x - x0) / sigma
         return (x + derivative * (self.sigmas[i + 1] - sigma)).to(eps.dtype)
 
 
@@ -38,6 +40,7 @@ class EulerAncestral(SigmaSampler):
         x = x.float()
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        derivative = (x - (x - sigma * eps)) / sigma
+        x0 = x - sigma * eps
+        derivative = (x - x0) / sigma  # eps, rounded as diffusers rounds it (see Euler)
         x = x + derivative * (sigma_down - sigma)
         return (x + noise_like(eps, generator) * sigma_up).to(eps.dtype)

@@ -8,11 +8,8 @@ import sys
 
 import torch
 
-from sd.clip import CLIP
-from sd.decoder import Decoder
-from sd.diffusion import UNet
-from sd.encoder import Encoder
-from sd.model_converter import CheckpointError
+from sd.model_loader import load_models
+from sd.models import SD_V1_CONFIGS, CheckpointError, networks
 
 
 def count(module: torch.nn.Module) -> int:
@@ -48,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.checkpoint is None:
         with torch.device("meta"):
-            nets = {"clip": CLIP(), "encoder": Encoder(), "decoder": Decoder(), "diffusion": UNet()}
+            nets = networks(SD_V1_CONFIGS)
         title = "SD v1.5 configuration (built on the meta device: no weights loaded)"
     else:
-        from sd.model_loader import load_models
-
         try:
             models = load_models(args.checkpoint)
         except CheckpointError as error:

@@ -5,7 +5,7 @@ step. As diffusers' LMSDiscreteScheduler, whose integrals (scipy quad) are done 
 import numpy as np
 import torch
 
-from sd.samplers import SigmaSampler
+from sd.sampling import SigmaSampler
 
 
 class LMS(SigmaSampler):
@@ -31,7 +31,9 @@ class LMS(SigmaSampler):
         self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         sigma = self.sigmas[i]
-        self.derivatives = [*self.derivatives, (x - (x - sigma * eps)) / sigma][-self.order :]
+        x0 = x - sigma * eps  # the denoised estimate
+        # (x - x0) / sigma is eps again, but computed as diffusers does, so that the float32 rounding is the same
+        self.derivatives = [*self.derivatives, (x - x0) / sigma][-self.order :]
         order = len(self.derivatives)  # not i + 1: image-to-image has no derivatives from before its start
         coefficients = [self.coefficient(order, i, j) for j in range(order)]
         return x + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives)))

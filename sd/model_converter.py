@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from sd.models import CheckpointError
+
 COMPONENTS = ("clip", "encoder", "decoder", "diffusion")
 
 # (prefix in the single-file checkpoint, our component, prefix inside that component); the first match wins
@@ -38,10 +40,6 @@ LDM_IGNORED = (
 EMA_PREFIX = "model_ema."
 UNUSED_EMA = "the UNet's EMA copy (pass ema=True / --ema to load it instead)"
 UNUSED_TRAINED = "the UNet's raw trained weights (the EMA copy was asked for)"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be mapped onto our modules; the message names the keys and what to do."""
 
 
 def name_keys(keys, limit: int = 5) -> str:
@@ -267,22 +265,3 @@ def from_native(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 
 def to_native(components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{component}.{key}": t for component, state in components.items() for key, t in state.items()}
-
-
-def load_component(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """Strictly loads `state` into `module`, adopting its tensors (no copy; the module takes their dtype)."""
-    expected = module.state_dict()
-    problems = []
-    if missing := [k for k in expected if k not in state]:
-        problems.append(f"missing {name_keys(missing)}")
-    if unexpected := [k for k in state if k not in expected]:
-        problems.append(f"unexpected {name_keys(unexpected)}")
-    if reshaped := [
-        f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]:
-        problems.append(f"wrong shape {name_keys(reshaped, 3)}")
-    if problems:
-        raise CheckpointError(f"the {name} weights do not fit the {name} network: {'; '.join(problems)}")
-    module.load_state_dict(state, strict=True, assign=True)

@@ -10,24 +10,19 @@ weights are never held twice; a dtype change converts each tensor once.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import json
-import os
 import re
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sd.clip import CLIP, CLIPConfig
-from sd.decoder import Decoder
-from sd.diffusion import UNet, UNetConfig
-from sd.encoder import Encoder, VAEConfig
+from sd.autoencoder import VAEConfig
+from sd.clip import CLIPConfig
+from sd.diffusion import UNetConfig
 from sd.model_converter import (
     COMPONENTS,
-    CheckpointError,
     from_diffusers_unet,
     from_diffusers_vae,
     from_ldm,
@@ -35,13 +30,92 @@ from sd.model_converter import (
     from_native,
     from_transformers_clip,
     indices,
-    load_component,
     name_keys,
 )
+from sd.models import CheckpointError, Models, networks
+from sd.native import NATIVE_FORMAT, configs_from_metadata
+from sd.package_data import package_file
 from sd.tokenizer import Tokenizer, default_tokenizer
 
-NATIVE_FORMAT = "sd-native-v1"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "shapes.safetensors"
+DEFAULT_CHECKPOINT = package_file("weights", "shapes.safetensors")
+
+
+def load_models(
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool = False,
+    vae: str | Path | None = None,
+) -> Models:
+    """Everything SD v1.x needs from a checkpoint: a single file, a diffusers folder or our native file; without
+    one, the built-in shapes model (weights/shapes.safetensors).
+
+    ema: take the UNet's EMA copy from a full training file (default: the raw weights, as diffusers does).
+    vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
+    """
+    path = Path(DEFAULT_CHECKPOINT if path is None else path)
+    tokenizer, hints, ignored, configs, image_size, command = default_tokenizer(), {}, {}, {}, 512, ""
+    if path.is_dir():
+        components, hints, tokenizer = read_diffusers_folder(path)
+        layout = "diffusers"
+    else:
+        state, metadata = read_checkpoint(path)
+        layout = identify(state, metadata, path)
+        if layout == "native":
+            components, configs = from_native(state), configs_from_metadata(metadata)
+        else:
+            components, ignored = from_ldm(state, ema=ema)
+        image_size = int(metadata.get("image_size", image_size))
+        command = metadata.get("command", "")
+    if ema and layout != "single-file":
+        raise CheckpointError(f"{path}: --ema applies to full single-file training checkpoints only")
+    if vae is not None:
+        components |= read_vae(vae)
+    if missing := [c for c in COMPONENTS if c not in components]:
+        raise CheckpointError(f"{path}: no {', '.join(missing)} weights in this file; pass a full SD v1.x checkpoint")
+    configs.setdefault("clip", infer_clip_config(components["clip"], hints.get("clip_heads")))
+    configs.setdefault("diffusion", infer_diffusion_config(components["diffusion"], hints.get("unet_heads", 8)))
+    if vae is not None or "vae" not in configs:
+        configs["vae"] = infer_vae_config(components["encoder"], components["decoder"])
+    nets = build(components, configs, device, dtype)
+    return Models(
+        tokenizer, **nets, source=str(path), format=layout, ignored=ignored, image_size=image_size, command=command
+    )
+
+
+# -- reading files ----------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(flat {key: tensor}, safetensors metadata) of a .safetensors file or a .ckpt/.pt pickle, by content.
+
+    Pickles go through torch's weights-only unpickler: a file that would run code is refused, never run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; pass the path of an SD v1.x checkpoint")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 8 < struct.unpack("<Q", head[:8])[0] + 8 <= size:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(path), metadata
+        except Exception as error:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        state = _load_pickle(path, zipped=head[:4] == b"PK\x03\x04")
+        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: a pickle of {type(state).__name__}, not a checkpoint's weights")
+        return state, {}
+    raise CheckpointError(f"{path}: not a checkpoint (neither a safetensors file nor a PyTorch pickle)")
+
 
 # What SD v1 .ckpt files reference besides tensors: PyTorch Lightning's checkpoint callback (saved as a dict key by
 # sd-v1-1..4) and numpy scalars in its state. The unpickler gets an inert stand-in: nothing is imported or run.
@@ -77,37 +151,6 @@ def _load_pickle(path: Path, zipped: bool) -> object:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(error).splitlines()[0][:100]})") from None
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(flat {key: tensor}, safetensors metadata) of a .safetensors file or a .ckpt/.pt pickle, by content.
-
-    Pickles go through torch's weights-only unpickler: a file that would run code is refused, never run.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; pass the path of an SD v1.x checkpoint")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and 8 < struct.unpack("<Q", head[:8])[0] + 8 <= size:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(path), metadata
-        except Exception as error:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from None
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        state = _load_pickle(path, zipped=head[:4] == b"PK\x03\x04")
-        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: a pickle of {type(state).__name__}, not a checkpoint's weights")
-        return state, {}
-    raise CheckpointError(f"{path}: not a checkpoint (neither a safetensors file nor a PyTorch pickle)")
-
-
 def identify(state: dict, metadata: dict[str, str], path: Path) -> str:
     """ "single-file" or "native"; anything else is refused with what it is."""
     keys = list(state)
@@ -139,10 +182,83 @@ def identify(state: dict, metadata: dict[str, str], path: Path) -> str:
     raise CheckpointError(f"{path}: no Stable Diffusion weights in this file (keys such as {name_keys(keys, 3)})")
 
 
+# -- diffusers folders and VAE files ------------------------------------------------------------------------------
+
+
+WEIGHT_FILES = {
+    "unet": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "vae": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    sub = folder / name
+    weights = next((sub / f for f in WEIGHT_FILES[name] if (sub / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no {name} weights (expected {sub}/{WEIGHT_FILES[name][0]} or .bin)")
+    return read_checkpoint(weights)[0]
+
+
+def read_diffusers_folder(folder: Path) -> tuple[dict[str, dict], dict, Tokenizer]:
+    """A diffusers-format SD folder -> (components in our names, config hints, its tokenizer)."""
+    pipeline = read_json(folder / "model_index.json").get("_class_name", "")
+    unet_config = read_json(folder / "unet" / "config.json")
+    context = unet_config.get("cross_attention_dim")
+    if "XL" in pipeline or context == 2048 or unet_config.get("addition_embed_type"):
+        raise CheckpointError(f"{folder}: an SDXL diffusers folder; sd runs SD v1.x only")
+    if unet_config.get("use_linear_projection") or context == 1024:
+        raise CheckpointError(f"{folder}: an SD 2.x diffusers folder (1024-wide context); sd runs SD v1.x only")
+    clip, _ = from_transformers_clip(read_weights(folder, "text_encoder"))
+    tokenizer_folder = folder / "tokenizer"
+    tokenizer = (
+        Tokenizer.from_folder(tokenizer_folder) if (tokenizer_folder / "vocab.json").is_file() else default_tokenizer()
+    )
+    components = {
+        "clip": clip,
+        **from_diffusers_vae(read_weights(folder, "vae")),
+        "diffusion": from_diffusers_unet(read_weights(folder, "unet")),
+    }
+    hints = {
+        "unet_heads": unet_config.get("attention_head_dim", 8),
+        "clip_heads": read_json(folder / "text_encoder" / "config.json").get("num_attention_heads"),
+    }
+    return components, hints, tokenizer
+
+
+def read_vae(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A replacement autoencoder: an LDM-layout VAE file, a diffusers VAE weights file, or a diffusers vae/ folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / f for f in WEIGHT_FILES["vae"] if (path / f).is_file()), path / WEIGHT_FILES["vae"][0])
+    state, _ = read_checkpoint(path)
+    if "encoder.down_blocks.0.resnets.0.norm1.weight" in state:
+        return from_diffusers_vae(state)
+    if any(k.startswith("model.diffusion_model.") for k in state):
+        raise CheckpointError(
+            f"{path}: a full checkpoint, not a VAE file; pass a VAE such as vae-ft-mse-840000-ema-pruned"
+        )
+    return from_ldm_vae(state)[0]
+
+
 # -- configs from shapes --------------------------------------------------------------------------------------------
 
 
-def infer_unet_config(state: dict[str, torch.Tensor], heads: int = 8) -> UNetConfig:
+def infer_diffusion_config(state: dict[str, torch.Tensor], heads: int = 8) -> UNetConfig:
     """The UNet's config from its weights' names and shapes; the head count (8 for SD v1) is not in the weights."""
     conv_in = state["input_blocks.0.0.weight"]
     channels = conv_in.shape[0]
@@ -192,113 +308,27 @@ def infer_clip_config(state: dict[str, torch.Tensor], heads: int | None = None) 
     )
 
 
-def config_from_dict(cls, values: dict):
-    """A config dataclass from JSON, lists back to tuples."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-# -- diffusers folders ------------------------------------------------------------------------------------------------
-
-WEIGHT_FILES = {
-    "unet": (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.bin",
-    ),
-    "vae": (
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.fp16.bin",
-    ),
-    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    sub = folder / name
-    weights = next((sub / f for f in WEIGHT_FILES[name] if (sub / f).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no {name} weights (expected {sub}/{WEIGHT_FILES[name][0]} or .bin)")
-    return read_checkpoint(weights)[0]
-
-
-def read_diffusers_folder(folder: Path) -> tuple[dict[str, dict], dict, Tokenizer]:
-    """A diffusers-format SD folder -> (components in our names, config hints, its tokenizer)."""
-    pipeline = _read_json(folder / "model_index.json").get("_class_name", "")
-    unet_config = _read_json(folder / "unet" / "config.json")
-    context = unet_config.get("cross_attention_dim")
-    if "XL" in pipeline or context == 2048 or unet_config.get("addition_embed_type"):
-        raise CheckpointError(f"{folder}: an SDXL diffusers folder; sd runs SD v1.x only")
-    if unet_config.get("use_linear_projection") or context == 1024:
-        raise CheckpointError(f"{folder}: an SD 2.x diffusers folder (1024-wide context); sd runs SD v1.x only")
-    clip, _ = from_transformers_clip(_read_weights(folder, "text_encoder"))
-    tokenizer_folder = folder / "tokenizer"
-    tokenizer = (
-        Tokenizer.from_folder(tokenizer_folder) if (tokenizer_folder / "vocab.json").is_file() else default_tokenizer()
-    )
-    components = {
-        "clip": clip,
-        **from_diffusers_vae(_read_weights(folder, "vae")),
-        "diffusion": from_diffusers_unet(_read_weights(folder, "unet")),
-    }
-    hints = {
-        "unet_heads": unet_config.get("attention_head_dim", 8),
-        "clip_heads": _read_json(folder / "text_encoder" / "config.json").get("num_attention_heads"),
-    }
-    return components, hints, tokenizer
-
-
-def read_vae(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """A replacement autoencoder: an LDM-layout VAE file, a diffusers VAE weights file, or a diffusers vae/ folder."""
-    path = Path(path)
-    if path.is_dir():
-        path = next((path / f for f in WEIGHT_FILES["vae"] if (path / f).is_file()), path / WEIGHT_FILES["vae"][0])
-    state, _ = read_checkpoint(path)
-    if "encoder.down_blocks.0.resnets.0.norm1.weight" in state:
-        return from_diffusers_vae(state)
-    if any(k.startswith("model.diffusion_model.") for k in state):
-        raise CheckpointError(
-            f"{path}: a full checkpoint, not a VAE file; pass a VAE such as vae-ft-mse-840000-ema-pruned"
-        )
-    return from_ldm_vae(state)[0]
-
-
 # -- building the networks ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Models:
-    """The tokenizer and networks of one SD v1.x checkpoint; each network carries its config as `.cfg`."""
-
-    tokenizer: Tokenizer
-    clip: CLIP
-    encoder: Encoder
-    decoder: Decoder
-    diffusion: UNet
-    source: str
-    format: str
-    ignored: dict[str, str] = field(default_factory=dict)  # checkpoint keys not loaded -> why
-    image_size: int = 512  # the side the model was trained at, which the demo draws by default
-    command: str = ""  # the sd.train command(s) that made one of our native files, from its metadata
-
-    def named(self) -> dict[str, torch.nn.Module]:
-        return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "diffusion": self.diffusion}
-
-    @property
-    def configs(self) -> dict[str, object]:
-        return {"clip": self.clip.cfg, "vae": self.encoder.cfg, "unet": self.diffusion.cfg}
+def build(components: dict[str, dict], configs: dict, device, dtype) -> dict[str, torch.nn.Module]:
+    """Networks for `configs`, built empty, adopting the components' tensors in `dtype` on `device`."""
+    with empty_modules():
+        nets = networks(configs)
+    for name, net in nets.items():
+        state = {
+            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in components[name].items()
+        }
+        load_component(net, state, name)
+        net.eval()
+    return nets
 
 
 @contextlib.contextmanager
 def empty_modules():
     """Builds modules on the meta device with their initialisers switched off: their weights are about to be
-    replaced, and initialising meta tensors costs torch a first-time import of its compiler stack (~0.6 s)."""
+    replaced, and initialising meta tensors makes torch import its compiler stack (a noticeable part of loading)."""
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(torch.nn.init, n) for n in names}
     try:
@@ -311,69 +341,23 @@ def empty_modules():
             setattr(torch.nn.init, n, fn)
 
 
-def build(components: dict[str, dict], configs: dict, device, dtype) -> dict[str, torch.nn.Module]:
-    """Networks for `configs`, built empty, adopting the components' tensors in `dtype` on `device`."""
-    with empty_modules():
-        nets = {
-            "clip": CLIP(configs["clip"]),
-            "encoder": Encoder(configs["vae"]),
-            "decoder": Decoder(configs["vae"]),
-            "diffusion": UNet(configs["unet"]),
-        }
-    for name, net in nets.items():
-        state = {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-            for k, v in components[name].items()
-        }
-        load_component(net, state, name)
-        net.eval()
-    return nets
-
-
-def load_models(
-    path: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    ema: bool = False,
-    vae: str | Path | None = None,
-) -> Models:
-    """Everything SD v1.x needs from a checkpoint: a single file, a diffusers folder or our native file; without
-    one, the built-in shapes model (weights/shapes.safetensors).
-
-    ema: take the UNet's EMA copy from a full training file (default: the raw weights, as diffusers does).
-    vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
-    """
-    path = Path(DEFAULT_CHECKPOINT if path is None else path)
-    tokenizer, hints, ignored, configs, image_size, command = default_tokenizer(), {}, {}, {}, 512, ""
-    if path.is_dir():
-        components, hints, tokenizer = read_diffusers_folder(path)
-        layout = "diffusers"
-    else:
-        state, metadata = read_checkpoint(path)
-        layout = identify(state, metadata, path)
-        if layout == "native":
-            components = from_native(state)
-            saved = json.loads(metadata.get("configs", "{}"))
-            configs = {"clip": CLIPConfig, "vae": VAEConfig, "unet": UNetConfig}
-            configs = {name: config_from_dict(cls, saved[name]) for name, cls in configs.items() if name in saved}
-        else:
-            components, ignored = from_ldm(state, ema=ema)
-        image_size = int(metadata.get("image_size", image_size))
-        command = metadata.get("command", "")
-    if ema and layout != "single-file":
-        raise CheckpointError(f"{path}: --ema applies to full single-file training checkpoints only")
-    if vae is not None:
-        components |= read_vae(vae)
-    if missing := [c for c in COMPONENTS if c not in components]:
-        raise CheckpointError(f"{path}: no {', '.join(missing)} weights in this file; pass a full SD v1.x checkpoint")
-    configs.setdefault("clip", infer_clip_config(components["clip"], hints.get("clip_heads")))
-    configs.setdefault("unet", infer_unet_config(components["diffusion"], hints.get("unet_heads", 8)))
-    if vae is not None or "vae" not in configs:
-        configs["vae"] = infer_vae_config(components["encoder"], components["decoder"])
-    nets = build(components, configs, device, dtype)
-    return Models(
-        tokenizer, **nets, source=str(path), format=layout, ignored=ignored, image_size=image_size, command=command
-    )
+def load_component(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Strictly loads `state` into `module`, adopting its tensors (no copy; the module takes their dtype)."""
+    expected = module.state_dict()
+    problems = []
+    if missing := [k for k in expected if k not in state]:
+        problems.append(f"missing {name_keys(missing)}")
+    if unexpected := [k for k in state if k not in expected]:
+        problems.append(f"unexpected {name_keys(unexpected)}")
+    if reshaped := [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]:
+        problems.append(f"wrong shape {name_keys(reshaped, 3)}")
+    if problems:
+        raise CheckpointError(f"the {name} weights do not fit the {name} network: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def sha256(path: str | Path) -> str:
@@ -389,30 +373,3 @@ def sha256(path: str | Path) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def native_metadata(models: Models, **extra: str) -> dict[str, str]:
-    """The safetensors metadata of our native format: the configs, so loading needs no inference."""
-    configs = {name: dataclasses.asdict(cfg) for name, cfg in models.configs.items()}
-    return {"format": NATIVE_FORMAT, "configs": json.dumps(configs), "image_size": str(models.image_size), **extra}
-
-
-def new_file_mode() -> int:
-    """The permission bits a newly created file gets: 0666 less the umask (which can only be read by setting it)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def save_atomically(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Writes a .safetensors file whole or not at all: into a temporary file beside it, renamed into place once
-    complete. safetensors creates its files readable by their owner alone; this one gets new_file_mode()."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

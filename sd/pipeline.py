@@ -1,5 +1,10 @@
-"""Text-to-image and image-to-image: the prompt through CLIP, noise through the UNet and a sampler, latents through
-the VAE decoder.
+"""Text-to-image and image-to-image, as four stages that `generate` composes:
+
+    context = encode_prompts(...)    the prompts through CLIP (with guidance, the negative prompts first)
+    x = initial_noise(...)           text-to-image: the starting noise; image-to-image: noised_image(...), the init
+                                     image's latents noised to the level where sampling starts
+    x = denoise(...)                 the sampler's loop; classifier-free guidance in guided_noise
+    images = decode(models, x)       the VAE decoder
 
 Seeds reproduce diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline run with
 `generator=torch.Generator("cpu").manual_seed(seed)`: the same random numbers are drawn in the same order (the VAE
@@ -10,156 +15,54 @@ stochastic sampler step's noise), always in float32 on the CPU, so a seed gives 
 import contextlib
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from sd.model_loader import Models
-from sd.samplers import Sampler, make_sampler, noise, noise_like
+from sd.autoencoder import sample_posterior
+from sd.images import check_size, image_to_tensor, open_image, to_pil
+from sd.model_loader import load_models
+from sd.models import Models
+from sd.samplers import make_sampler
+from sd.sampling import Sampler, noise, noise_like
+from sd.tiling import tiled
 
-LATENT_SCALE = 0.18215  # SD v1's latents are the VAE's posterior, scaled to unit variance by this factor
 OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+
+@dataclass
+class Parameters:
+    """Every setting a generation used: what the CLI writes into each PNG as A1111's `parameters` text."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    sampler: str  # its A1111 label ("Euler a")
+    karras: bool
+    eta: float
+    steps: int
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    clip_skip: int
+    batch_size: int  # images per prompt
+    strength: float | None = None  # image-to-image only
 
 
 @dataclass
 class Generated:
     """What `generate` made: `images` (PIL images, a [B, 3, H, W] tensor in [0, 1], or the final [B, 4, h, w]
-    latents), the seed it used, and every setting, for PNG metadata."""
+    latents) and the parameters that made them."""
 
     images: list[Image.Image] | torch.Tensor
-    seed: int
-    settings: dict = field(default_factory=dict)
+    parameters: Parameters
 
-
-def check_size(width: int, height: int) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 8:
-            lower, upper = value - value % 8, value - value % 8 + 8
-            hint = f" (try {lower} or {upper})" if lower > 0 else " (try 8 or more)"
-            raise ValueError(f"{name} must be a positive multiple of 8, got {value}{hint}")
-
-
-def open_image(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB image from a path or a PIL image; a missing or unreadable file is a one-line ValueError."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise ValueError(f"init image {path}: no such file")
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"init image {path}: not a readable image ({error})") from None
-
-
-def image_to_tensor(image: Image.Image, width: int | None, height: int | None) -> torch.Tensor:
-    """A PIL image -> [1, 3, H, W] in [-1, 1], resized (Lanczos, as diffusers) to width x height if given, else to
-    its own size rounded down to multiples of 8, saying so when it changes."""
-    size = (width or image.width - image.width % 8, height or image.height - image.height % 8)
-    if size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"init image is {image.width}x{image.height}; it needs at least 8x8 pixels")
-    if size != image.size:
-        print(
-            f"init image resized from {image.width}x{image.height} to {size[0]}x{size[1]} "
-            "(sides must be multiples of 8)"
-        )
-        image = image.resize(size, resample=Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL images, rounding to 8 bits as diffusers does."""
-    array = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
-
-
-def encode_prompts(models: Models, prompts: list[str], clip_skip: int) -> torch.Tensor:
-    """Prompts -> CLIP context [len(prompts), 77, width] on the networks' device and dtype."""
-    tokens = models.tokenizer(prompts).to(models.clip.embeddings.token_embedding.weight.device)
-    return models.clip(tokens, clip_skip=clip_skip)
-
-
-def tiled(fn, x: torch.Tensor, tile: int, factor: float) -> torch.Tensor:
-    """fn applied to overlapping tile x tile windows of x [B, C, H, W] (overlap: a quarter tile), the outputs
-    blended with linear ramps across the overlaps so no seam shows. fn maps a window to `factor` times its size.
-    Memory then follows the tile, not the image."""
-    overlap = tile // 4
-
-    def origins(n: int) -> list[int]:
-        return sorted({min(p, max(n - tile, 0)) for p in range(0, max(n - tile, 0) + tile - overlap, tile - overlap)})
-
-    def ramp(start: int, length: int, n: int) -> torch.Tensor:
-        """1 inside; across each overlap that meets another tile, 0 for the outer quarter (where a tile's own edge
-        spoils its output) then rising linearly: the two tiles' weights sum to 1 everywhere in the overlap."""
-        out_len, out_overlap = int(length * factor), int(overlap * factor)
-        margin = out_overlap // 4
-        rise = ((torch.arange(out_overlap) - margin + 1) / (out_overlap - 2 * margin + 1)).clamp(0, 1)
-        weight = torch.ones(out_len)
-        if start > 0:
-            weight[:out_overlap] = rise
-        if start + length < n:
-            weight[-out_overlap:] = torch.minimum(weight[-out_overlap:], rise.flip(0))
-        return weight
-
-    h, w = x.shape[-2:]
-    out = total = None
-    for y in origins(h):
-        for x0 in origins(w):
-            window = x[..., y : y + tile, x0 : x0 + tile]
-            piece = fn(window)
-            weight = (ramp(y, window.shape[-2], h)[:, None] * ramp(x0, window.shape[-1], w)[None]).to(piece)
-            if out is None:
-                out = piece.new_zeros(*piece.shape[:2], int(h * factor), int(w * factor))
-                total = piece.new_zeros(int(h * factor), int(w * factor))
-            oy, ox = int(y * factor), int(x0 * factor)
-            out[..., oy : oy + piece.shape[-2], ox : ox + piece.shape[-1]] += piece * weight
-            total[oy : oy + piece.shape[-2], ox : ox + piece.shape[-1]] += weight
-    return out / total
-
-
-def encode(models: Models, images: torch.Tensor, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] -> the posterior's (mean, logvar), unscaled; `tile`: in tile x tile pixel windows."""
-    if tile is None or max(images.shape[-2:]) <= tile:
-        return models.encoder(images)
-    moments = tiled(lambda t: torch.cat(models.encoder(t), dim=1), images, tile, 1 / models.encoder.cfg.scale_factor)
-    return moments.chunk(2, dim=1)
-
-
-def decode(models: Models, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1]; `tile`: in tile x tile pixel windows. SD's VAE can overflow in float16
-    (NaN, black images): then the decoder moves to float32 for good, with a message, and decodes again."""
-    factor = models.encoder.cfg.scale_factor
-
-    def run(z: torch.Tensor) -> torch.Tensor:
-        if tile is None or max(z.shape[-2:]) * factor <= tile:
-            return models.decoder(z)
-        return tiled(models.decoder, z, tile // factor, factor)
-
-    images = run(latents / LATENT_SCALE)
-    if not torch.isfinite(images).all() and latents.dtype == torch.float16:
-        warnings.warn("the VAE decoder overflowed in float16; decoding in float32 from now on", stacklevel=3)
-        models.decoder.float()
-        images = run(latents.float() / LATENT_SCALE)
-    return images
-
-
-@contextlib.contextmanager
-def placed(network: torch.nn.Module, device: torch.device):
-    """The network on `device` for the block's duration, then back where it was (low-VRAM offloading)."""
-    home = next(network.parameters()).device
-    if home != device:
-        network.to(device)
-    try:
-        yield network
-    finally:
-        if home != device:
-            network.to(home)
+    @property
+    def seed(self) -> int:
+        return self.parameters.seed
 
 
 @torch.inference_mode()
@@ -208,72 +111,162 @@ def generate(
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
     if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
         raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
+    if init_image is None:
+        width, height = 512 if width is None else width, 512 if height is None else height
+        check_size(width, height)
+    else:
+        if latents is not None:
+            raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
+        check_size(8 if width is None else width, 8 if height is None else height)  # the image's own are rounded down
+        image = image_to_tensor(open_image(init_image), width, height)
+        height, width = image.shape[-2:]
     sampler = make_sampler(sampler, karras=karras, eta=eta) if isinstance(sampler, str) else sampler
     seed = random.randrange(2**32) if seed is None else seed
     generator = torch.Generator("cpu").manual_seed(seed)
-    weight = models.diffusion.out[2].weight
-    device, dtype = torch.device(device) if device is not None else weight.device, weight.dtype
+    device = models.device if device is None else torch.device(device)
     total = len(prompts) * batch_size
+    start = 0 if init_image is None else first_step(steps, strength)
+    sampler.set_steps(steps, start)
 
     guided = cfg_scale > 1
     with placed(models.clip, device):
         context = encode_prompts(models, (negatives + prompts) if guided else prompts, clip_skip)
     context = context.repeat_interleave(batch_size, dim=0)  # [negatives..., prompts...], each batch_size times
-    # image-to-image: diffusers' strength, the last strength * steps steps
-    start = 0 if init_image is None else steps - min(int(steps * strength), steps)
-    sampler.set_steps(steps, start)
-
     if init_image is None:
-        width, height = 512 if width is None else width, 512 if height is None else height
-        check_size(width, height)
-        factor = models.encoder.cfg.scale_factor
-        shape = (total, models.encoder.cfg.latent_channels, height // factor, width // factor)
-        if latents is None:
-            latents = noise(shape, generator, device, dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-        x = latents.to(device, dtype) * sampler.init_noise_sigma
+        x = initial_noise(models, sampler, total, width, height, latents, generator, device)
     else:
-        if latents is not None:
-            raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
-        check_size(8 if width is None else width, 8 if height is None else height)  # the image's own are rounded down
-        image = image_to_tensor(open_image(init_image), width, height).to(device, dtype)
-        height, width = image.shape[-2:]
         with placed(models.encoder, device):
-            mean, logvar = encode(models, image, vae_tile)
-        x0 = LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * noise_like(mean, generator))  # the posterior's sample
-        x0 = x0.repeat(total, 1, 1, 1)
-        x = sampler.add_noise(x0, noise_like(x0, generator), start) if start < len(sampler.timesteps) else x0
-
+            x = noised_image(models, sampler, image.to(device, models.dtype), total, start, generator, vae_tile)
     with placed(models.diffusion, device):
-        for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
-            model_input = sampler.scale_input(torch.cat([x, x]) if guided else x, i)
-            eps = models.diffusion(model_input, sampler.timesteps[i], context)
-            if guided:
-                eps_negative, eps_prompt = eps.chunk(2)
-                eps = eps_negative + cfg_scale * (eps_prompt - eps_negative)
-            x = sampler.step(eps, i, x, generator)
+        x = denoise(models.diffusion, sampler, x, context, cfg_scale, generator, start, progress)
 
-    settings = {
-        "prompts": prompts,
-        "negative_prompts": negatives,
-        "sampler": sampler.label,
-        "karras": sampler.karras,
-        "steps": steps,
-        "cfg_scale": cfg_scale,
-        "seed": seed,
-        "width": width,
-        "height": height,
-        "clip_skip": clip_skip,
-        "batch_size": batch_size,
-    }
-    if init_image is not None:
-        settings["strength"] = strength
+    parameters = Parameters(
+        prompts=prompts,
+        negative_prompts=negatives,
+        sampler=sampler.label,
+        karras=sampler.karras,
+        eta=sampler.eta,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        width=width,
+        height=height,
+        clip_skip=clip_skip,
+        batch_size=batch_size,
+        strength=None if init_image is None else strength,
+    )
     if output_type == "latent":
-        return Generated(x, seed, settings)
+        return Generated(x, parameters)
     with placed(models.decoder, device):
         images = (decode(models, x, vae_tile) / 2 + 0.5).clamp(0, 1).float().cpu()
-    return Generated(to_pil(images) if output_type == "pil" else images, seed, settings)
+    return Generated(to_pil(images) if output_type == "pil" else images, parameters)
+
+
+# -- the stages ---------------------------------------------------------------------------------------------------
+
+
+def encode_prompts(models: Models, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    """Prompts -> CLIP context [len(prompts), 77, width] on the networks' device and dtype."""
+    tokens = models.tokenizer(prompts).to(models.clip.embeddings.token_embedding.weight.device)
+    return models.clip(tokens, clip_skip=clip_skip)
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Image-to-image runs the last `strength` of the schedule's steps (diffusers' rule): the index it starts at."""
+    return steps - min(int(steps * strength), steps)
+
+
+def initial_noise(
+    models: Models, sampler: Sampler, total: int, width: int, height: int, latents, generator, device
+) -> torch.Tensor:
+    """Text-to-image's start: pure noise at the sampler's first noise level (`latents`, if given, as the noise)."""
+    factor = models.encoder.cfg.pixels_per_latent
+    shape = (total, models.encoder.cfg.latent_channels, height // factor, width // factor)
+    if latents is None:
+        latents = noise(shape, generator, device, models.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+    return latents.to(device, models.dtype) * sampler.init_noise_sigma
+
+
+def noised_image(
+    models: Models, sampler: Sampler, image: torch.Tensor, total: int, start: int, generator, vae_tile
+) -> torch.Tensor:
+    """Image-to-image's start: a sample of the image's latent posterior, `total` times, noised to the level of
+    step `start` (no noise when no step is left to take)."""
+    mean, logvar = encode(models, image, vae_tile)
+    x0 = models.encoder.cfg.scaling_factor * sample_posterior(mean, logvar, noise_like(mean, generator))
+    x0 = x0.repeat(total, 1, 1, 1)
+    return sampler.add_noise(x0, noise_like(x0, generator), start) if start < len(sampler.timesteps) else x0
+
+
+def denoise(
+    unet,
+    sampler: Sampler,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    cfg_scale: float,
+    generator: torch.Generator,
+    start: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The sampling loop from step `start` on: the guided noise prediction, then the sampler's step. `unet` is
+    whatever predicts the noise, called as the UNet is, (latents, timestep, context): where per-step features
+    (hooks, caches) attach."""
+    for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
+        eps = guided_noise(unet, sampler.scale_input(x, i), sampler.timesteps[i], context, cfg_scale)
+        x = sampler.step(eps, i, x, generator)
+    return x
+
+
+def guided_noise(unet, x: torch.Tensor, t, context: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps(x | negative) + cfg (eps(x | prompt) - eps(x |
+    negative)), both predictions in one batch, the context's first half the negative prompts'. cfg_scale <= 1: the
+    prompt's prediction alone (the context holds only the prompts)."""
+    if cfg_scale <= 1:
+        return unet(x, t, context)
+    eps_negative, eps_prompt = unet(torch.cat([x, x]), t, context).chunk(2)
+    return eps_negative + cfg_scale * (eps_prompt - eps_negative)
+
+
+def encode(models: Models, images: torch.Tensor, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] -> the posterior's (mean, logvar), unscaled; `tile`: in tile x tile pixel windows."""
+    if tile is None or max(images.shape[-2:]) <= tile:
+        return models.encoder(images)
+    factor = 1 / models.encoder.cfg.pixels_per_latent
+    moments = tiled(lambda t: torch.cat(models.encoder(t), dim=1), images, tile, factor)
+    return moments.chunk(2, dim=1)
+
+
+def decode(models: Models, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1]; `tile`: in tile x tile pixel windows. SD's VAE can overflow in float16
+    (NaN, black images): then the decoder moves to float32 for good, with a message, and decodes again."""
+    factor, scale = models.decoder.cfg.pixels_per_latent, models.decoder.cfg.scaling_factor
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        if tile is None or max(z.shape[-2:]) * factor <= tile:
+            return models.decoder(z)
+        return tiled(models.decoder, z, tile // factor, factor)
+
+    images = run(latents / scale)
+    if not torch.isfinite(images).all() and latents.dtype == torch.float16:
+        warnings.warn("the VAE decoder overflowed in float16; decoding in float32 from now on", stacklevel=3)
+        models.decoder.float()
+        images = run(latents.float() / scale)
+    return images
+
+
+@contextlib.contextmanager
+def placed(network: torch.nn.Module, device: torch.device):
+    """The network on `device` for the block's duration, then back where it was (low-VRAM offloading)."""
+    home = next(network.parameters()).device
+    if home != device:
+        network.to(device)
+    try:
+        yield network
+    finally:
+        if home != device:
+            network.to(home)
 
 
 class StableDiffusion:
@@ -285,13 +278,12 @@ class StableDiffusion:
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, **kwargs) -> "StableDiffusion":
         """Any checkpoint `load_models` reads; kwargs: ema, vae."""
-        from sd.model_loader import load_models
-
         return cls(load_models(path, device=device, dtype=dtype, **kwargs))
 
     def txt2img(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:
         """kwargs: those of `generate` (negative_prompt, sampler, steps, cfg_scale, seed, width, height, ...)."""
         return generate(prompt, self.models, **kwargs).images
 
-    def img2img(self, image, prompt: str | list[str], strength: float = 0.75, **kwargs) -> list[Image.Image]:
+    def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kwargs) -> list[Image.Image]:
+        """The prompt drawn into `image` (a path or PIL image); strength: how much of it to redraw, 0..1."""
         return generate(prompt, self.models, init_image=image, strength=strength, **kwargs).images

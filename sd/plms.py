@@ -6,7 +6,7 @@ warm-up at its first step, so its history never mixes in steps it did not take."
 import numpy as np
 import torch
 
-from sd.samplers import TRAIN_STEPS, Sampler, leading_timesteps
+from sd.sampling import TRAIN_STEPS, Sampler, leading_timesteps
 
 
 class PLMS(Sampler):

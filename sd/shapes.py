@@ -12,8 +12,10 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sd.pipeline import generate
+
 SIZE = 64
-COLORS = {
+COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 60),
     "blue": (40, 80, 220),
@@ -43,7 +45,7 @@ SUPERSAMPLE = 4  # shapes are drawn 4x larger and shrunk, for anti-aliased edges
 @dataclass(frozen=True)
 class Scene:
     shape: str
-    color: str
+    colour: str
     background: str
     size: str
     place: str
@@ -112,15 +114,15 @@ def coverage(shape: str, center: tuple[float, float], side: float) -> np.ndarray
 
 def render(scene: Scene) -> Image.Image:
     alpha = coverage(scene.shape, scene.center, scene.side)[..., None]
-    pixels = alpha * np.array(COLORS[scene.color]) + (1 - alpha) * np.array(COLORS[scene.background])
+    pixels = alpha * np.array(COLOURS[scene.colour]) + (1 - alpha) * np.array(COLOURS[scene.background])
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    color, background = rng.choice(list(COLORS), size=2, replace=False)
+    colour, background = rng.choice(list(COLOURS), size=2, replace=False)
     return Scene(
         shape=str(rng.choice(SHAPES)),
-        color=str(color),
+        colour=str(colour),
         background=str(background),
         size=str(rng.choice(list(SIDES))),
         place=str(rng.choice(list(PLACES))),
@@ -130,8 +132,8 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 def recoloured(scene: Scene, rng: np.random.Generator) -> Scene:
     """The same scene with the shape in another colour, never the background's."""
-    others = [c for c in COLORS if c not in (scene.color, scene.background)]
-    return replace(scene, color=str(rng.choice(others)))
+    others = [c for c in COLOURS if c not in (scene.colour, scene.background)]
+    return replace(scene, colour=str(rng.choice(others)))
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -139,12 +141,12 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     size = f"{scene.size} " if rng.random() < 0.5 else ""
     background = f" on {article(scene.background)} {scene.background} background" if rng.random() < 0.7 else ""
     place = f", {scene.place}" if rng.random() < 0.5 else ""
-    return f"{article(size or scene.color)} {size}{scene.color} {scene.shape}{background}{place}"
+    return f"{article(size or scene.colour)} {size}{scene.colour} {scene.shape}{background}{place}"
 
 
 def describe(scene: Scene) -> str:
     """All of the scene, as the longest captions say it: "a small red circle on a blue background, top left"."""
-    return f"{article(scene.size)} {scene.size} {scene.color} {scene.shape} on {article(scene.background)} " + (
+    return f"{article(scene.size)} {scene.size} {scene.colour} {scene.shape} on {article(scene.background)} " + (
         f"{scene.background} background, {scene.place}"
     )
 
@@ -189,8 +191,8 @@ def foreground(image: Image.Image) -> np.ndarray:
     return largest_blob(near_shape.reshape(SIZE, SIZE))
 
 
-def nearest_color(rgb: np.ndarray) -> str:
-    return min(COLORS, key=lambda name: float(((np.array(COLORS[name]) - rgb) ** 2).sum()))
+def nearest_colour(rgb: np.ndarray) -> str:
+    return min(COLOURS, key=lambda name: float(((np.array(COLOURS[name]) - rgb) ** 2).sum()))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -220,32 +222,29 @@ def judge(image: Image.Image) -> tuple[str, str, np.ndarray]:
     if mask.sum() < 4:
         return "none", "none", mask
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    color = nearest_color(pixels[mask].mean(0))
+    colour = nearest_colour(pixels[mask].mean(0))
     shape = max(SHAPES, key=lambda s: iou(fit_template(s, mask), mask))
-    return color, shape, mask
+    return colour, shape, mask
 
 
 # -- the evaluation protocol (tests and bench/shapes.py) -------------------------------------------------------------
 
-NAMES = list(COLORS)
+NAMES = list(COLOURS)
 
 
 def evaluation_prompts() -> list[tuple[str, str, str]]:
     """80 (prompt, colour, shape): every colour with every shape, each on two backgrounds."""
     cases = []
-    for i, color in enumerate(NAMES):
+    for i, colour in enumerate(NAMES):
         for shape in SHAPES:
             for background in (NAMES[(i + 1) % len(NAMES)], NAMES[(i + 4) % len(NAMES)]):
-                cases.append(
-                    (f"{article(color)} {color} {shape} on {article(background)} {background} background", color, shape)
-                )
+                prompt = f"{article(colour)} {colour} {shape} on {article(background)} {background} background"
+                cases.append((prompt, colour, shape))
     return cases
 
 
 def draw(models, prompts: list[str], **kwargs) -> list[Image.Image]:
     """One 64x64 text-to-image generation per prompt, as a batch, without a progress bar."""
-    from sd.pipeline import generate
-
     return generate(prompts, models, width=SIZE, height=SIZE, progress=False, **kwargs).images
 
 
@@ -311,12 +310,12 @@ def evaluate_placement(models, cfg_scale: float = 7.5, seed: int = 0, **kwargs) 
 def recolouring_cases() -> list[tuple[Scene, str]]:
     """40 (scene, new colour): every shape in every colour, at varied sizes and places, to be recoloured."""
     cases, sizes, places = [], list(SIDES), list(PLACES)
-    for i, color in enumerate(NAMES):
+    for i, colour in enumerate(NAMES):
         for j, shape in enumerate(SHAPES):
             background = NAMES[(i + 3) % len(NAMES)]
-            candidates = [c for c in NAMES if c not in (color, background)]
+            candidates = [c for c in NAMES if c not in (colour, background)]
             new = candidates[(i + j) % len(candidates)]
-            scene = Scene(shape, color, background, sizes[(i + j) % len(sizes)], places[(i * 5 + j) % len(places)])
+            scene = Scene(shape, colour, background, sizes[(i + j) % len(sizes)], places[(i * 5 + j) % len(places)])
             cases.append((scene, new))
     return cases
 
@@ -328,19 +327,17 @@ def evaluate_recolouring(
     shape stays in place (foreground IoU >= 0.6 with the input's), takes the new colour, and both.
     recolour=False prompts with the input's own description (the "new" colour is its own): the control that tells
     a model that cannot keep a shape in place from one that moves it only when the prompt contradicts it."""
-    from sd.pipeline import generate
-
     kept, recoloured = [], []
     for k, (scene, new) in enumerate(recolouring_cases()):
-        new = new if recolour else scene.color
-        prompt = describe(replace(scene, color=new))
+        new = new if recolour else scene.colour
+        prompt = describe(replace(scene, colour=new))
         source = render(scene)
         (image,) = generate(
             prompt, models, init_image=source, strength=strength, seed=seed + k, progress=False, **kwargs
         ).images
-        color, _, mask = judge(image)
+        colour, _, mask = judge(image)
         kept.append(iou(mask, foreground(source)) >= 0.6)
-        recoloured.append(color == new)
+        recoloured.append(colour == new)
     return {
         "in place": float(np.mean(kept)),
         "new colour": float(np.mean(recoloured)),

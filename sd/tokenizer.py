@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-BPE_FILE = DATA / "bpe_simple_vocab_16e6.txt.gz"
+from sd.package_data import package_file
+
+BPE_FILE = package_file("data", "bpe_simple_vocab_16e6.txt.gz")
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP was trained with; the file holds more
 START, END = "<|startoftext|>", "<|endoftext|>"

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIP, CLIPConfig
 from sd.decoder import Decoder
 from sd.diffusion import UNet, UNetConfig
-from sd.encoder import Encoder, VAEConfig
-from sd.model_converter import from_ldm, load_component, to_ldm
+from sd.encoder import Encoder
+from sd.model_converter import from_ldm, to_ldm
+from sd.model_loader import load_component
 
 DATA = Path(__file__).parent / "data"
 SCHEDULE_KEYS = (
@@ -319,7 +321,7 @@ def diffusers_tokenizer(folder: Path):
 
 def our_models(checkpoint: dict[str, torch.Tensor], clip_cfg, vae_cfg, unet_cfg):
     """`Models` (what load_models returns) for an in-memory checkpoint."""
-    from sd.model_loader import Models
+    from sd.models import Models
     from sd.tokenizer import default_tokenizer
 
     return Models(

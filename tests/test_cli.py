@@ -12,10 +12,10 @@ from PIL import Image
 from reference import ldm_key_shapes, random_checkpoint
 from safetensors.torch import save_file
 
+from sd.autoencoder import VAEConfig
 from sd.cli import main
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.encoder import VAEConfig
 
 ROOT = Path(__file__).parents[1]
 # A1111's reader of the `parameters` text (modules/infotext_utils.py): "Key: value" pairs on the last line

@@ -25,11 +25,12 @@ from reference import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.encoder import VAEConfig
-from sd.model_converter import CheckpointError
-from sd.model_loader import load_models, new_file_mode
+from sd.model_loader import load_models
+from sd.models import CheckpointError
+from sd.native import new_file_mode
 
 CLIP_CFG, VAE_CFG, UNET_CFG = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
 ROOT = Path(__file__).parents[1]
@@ -295,7 +296,20 @@ def test_native_file_records_configs_dtype_and_the_sources_sha256(checkpoint, tm
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert meta["source_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert meta["dtype"] == "fp16" and dtypes == {torch.float16}
-    assert json.loads(meta["configs"])["unet"]["channel_mult"] == list(UNET_CFG.channel_mult)
+    assert json.loads(meta["configs"])["diffusion"]["channel_mult"] == list(UNET_CFG.channel_mult)
+
+
+def test_native_files_that_name_the_unets_config_unet_still_load(checkpoint, tmp_path):
+    """Native files written before the UNet's config was named after its component, "diffusion"."""
+    save_file(checkpoint, tmp_path / "model.safetensors")
+    assert convert(str(tmp_path / "model.safetensors"), str(tmp_path / "new.safetensors")).returncode == 0
+    with safe_open(tmp_path / "new.safetensors", framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    configs = json.loads(meta["configs"])
+    configs["unet"] = configs.pop("diffusion")
+    save_file(state, tmp_path / "old.safetensors", metadata=meta | {"configs": json.dumps(configs)})
+    old, new = load_models(tmp_path / "old.safetensors"), load_models(tmp_path / "new.safetensors")
+    assert old.configs == new.configs and old.configs["diffusion"] == UNET_CFG
 
 
 def test_convert_weights_never_overwrites_without_force_and_leaves_nothing_on_failure(checkpoint, tmp_path):

@@ -22,9 +22,9 @@ from reference import (
     reference_vae,
 )
 
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.encoder import VAEConfig
 from sd.pipeline import generate
 
 CLIP_CFG, VAE_CFG, UNET_CFG = CLIPConfig(), VAEConfig(), UNetConfig()

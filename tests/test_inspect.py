@@ -7,9 +7,9 @@ import pytest
 from reference import ldm_key_shapes, random_checkpoint
 from safetensors.torch import save_file
 
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.encoder import VAEConfig
 
 CFGS = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 from reference import SCHEDULE_KEYS, ldm_key_shapes, public_key_shapes
 
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIP, CLIPConfig
 from sd.decoder import Decoder
 from sd.diffusion import UNet, UNetConfig
-from sd.encoder import Encoder, VAEConfig
-from sd.model_converter import CheckpointError, from_ldm, load_component, to_ldm
+from sd.encoder import Encoder
+from sd.model_converter import from_ldm, to_ldm
+from sd.model_loader import load_component
+from sd.models import CheckpointError
 
 
 def count(module: torch.nn.Module) -> int:

@@ -6,9 +6,9 @@ import torch
 from reference import assert_close, ldm_key_shapes, our_models, random_checkpoint
 
 from sd.attention import set_attention_chunk
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.encoder import VAEConfig
 from sd.pipeline import decode, encode, generate, placed, tiled
 
 CFGS = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()

@@ -19,9 +19,9 @@ from reference import (
     random_checkpoint,
 )
 
+from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.encoder import VAEConfig
 from sd.pipeline import generate
 
 CFGS = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()

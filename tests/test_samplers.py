@@ -8,7 +8,8 @@ import pytest
 import torch
 from reference import SAMPLER_CASES, SAMPLER_IDS, assert_close, diffusers_scheduler
 
-from sd.samplers import alphas_cumprod, make_sampler, samplers, training_sigmas
+from sd.samplers import SAMPLERS, make_sampler
+from sd.sampling import alphas_cumprod, training_sigmas
 
 
 def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
@@ -124,7 +125,7 @@ def test_unknown_sampler_karras_and_eta_misuse_are_refused():
 
 
 @pytest.mark.parametrize("strength", [0.05, 0.1, 0.3, 0.6, 1.0])
-@pytest.mark.parametrize("name", list(samplers()))
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_image_to_image_with_an_exact_denoiser_lands_on_the_image(name, strength):
     """Data that is one latent x0 has an exact noise prediction, (x_t - sqrt(a_t) x0) / sqrt(1 - a_t); with it every
     sampler must bring x0 noised to any start back to x0 (DDIM and PLMS stop at alpha_bar[0], keeping the noise that

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models
 from sd.shapes import (
-    COLORS,
+    COLOURS,
     PLACES,
     SHAPES,
     SIDES,
@@ -34,7 +34,7 @@ ROOT = Path(__file__).parents[1]
 def test_the_judge_reads_every_rendered_scene_right():
     rng = np.random.default_rng(0)
     scenes = [random_scene(rng) for _ in range(300)]
-    wrong = [(s, judge(render(s))[:2]) for s in scenes if judge(render(s))[:2] != (s.color, s.shape)]
+    wrong = [(s, judge(render(s))[:2]) for s in scenes if judge(render(s))[:2] != (s.colour, s.shape)]
     assert not wrong, f"{len(wrong)} misjudged, first: {wrong[:3]}"
 
 
@@ -47,7 +47,7 @@ def test_the_judge_reads_shapes_through_blur_and_noise():
             render(scene).resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BILINEAR), dtype=float
         )
         noisy = Image.fromarray(np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8))
-        right += judge(noisy)[:2] == (scene.color, scene.shape)
+        right += judge(noisy)[:2] == (scene.colour, scene.shape)
     assert right >= 90, f"only {right}/100 blurred, noisy scenes judged right"
 
 
@@ -66,9 +66,9 @@ def test_placement_verdict_knows_the_asked_place_and_size_from_every_other():
 def test_captions_say_the_colour_and_shape_and_sometimes_more():
     rng = np.random.default_rng(2)
     captions = [(s, caption(s, rng)) for s in (random_scene(rng) for _ in range(200))]
-    assert all(f"{s.color} {s.shape}" in c for s, c in captions)
+    assert all(f"{s.colour} {s.shape}" in c for s, c in captions)
     assert any("background" in c for _, c in captions) and any("background" not in c for _, c in captions)
-    assert len(evaluation_prompts()) == 80 and {c for _, c, _ in evaluation_prompts()} == set(COLORS)
+    assert len(evaluation_prompts()) == 80 and {c for _, c, _ in evaluation_prompts()} == set(COLOURS)
     assert {s for _, _, s in evaluation_prompts()} == set(SHAPES) and len(recolouring_cases()) == 40
 
 
@@ -76,8 +76,8 @@ def test_a_recoloured_scene_changes_only_the_shapes_colour_and_never_to_the_back
     rng = np.random.default_rng(4)
     for scene in (random_scene(rng) for _ in range(200)):
         other = recoloured(scene, rng)
-        assert other.color not in (scene.color, scene.background), f"{scene} recoloured {other.color}"
-        assert replace(other, color=scene.color) == scene, f"{scene} became {other}"
+        assert other.colour not in (scene.colour, scene.background), f"{scene} recoloured {other.colour}"
+        assert replace(other, colour=scene.colour) == scene, f"{scene} became {other}"
 
 
 @pytest.fixture(scope="module")

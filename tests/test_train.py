@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sd.model_loader import load_models, new_file_mode
-from sd.pipeline import LATENT_SCALE
+from sd.autoencoder import VAEConfig
+from sd.model_loader import load_models
+from sd.native import new_file_mode
 from sd.train import EMA, TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
 
 ROOT = Path(__file__).parents[1]
+LATENT_SCALE = VAEConfig().scaling_factor
 
 
 def tiny_shapes_run(run: Path, *options: str) -> list[str]:
@@ -131,13 +133,13 @@ def test_a_latent_pool_holds_the_autoencoders_posteriors_of_the_samples_it_drew(
     data = ShapesData(recolour=0.5)
     cpu = torch.device("cpu")
     trainer = Trainer(fresh_models(TINY_CONFIGS, cpu), Settings(), data, Path("unused"), cpu)
-    pool = LatentPool(data, trainer.encoded, 10, np.random.default_rng(0), chunk=4)
+    pool = LatentPool(data, trainer.diffusion_batch, 10, np.random.default_rng(0), chunk=4)
     rng = np.random.default_rng(0)
     drawn = [data.batch(rng, n) for n in (4, 4, 2)]  # the pool's chunks
     images, sources = (torch.cat([batch[i] for batch in drawn]) for i in (0, 2))
     assert pool.captions == [c for _, captions, _ in drawn for c in captions]
-    torch.testing.assert_close(pool.moments, trainer.encode(images), rtol=0, atol=1e-5)
-    torch.testing.assert_close(pool.sources, trainer.encode(sources), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pool.moments, trainer.moments(images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(pool.sources, trainer.moments(sources), rtol=0, atol=1e-5)
     changed = (sources != images).flatten(1).any(dim=1)
     assert 0 < changed.sum() < 10 and torch.equal(pool.sources[~changed], pool.moments[~changed])
     moments, captions, batch_sources = pool.batch(np.random.default_rng(1), 6)
@@ -167,7 +169,7 @@ def record_settings(monkeypatch) -> list[Settings]:
         seen.append(settings)
         raise StopTraining
 
-    monkeypatch.setattr("sd.train.Trainer", recording_trainer)
+    monkeypatch.setattr("sd.train.cli.Trainer", recording_trainer)
     return seen
 
 
@@ -184,7 +186,7 @@ def test_caption_dropout_and_ema_decay_flags_reach_the_trainer_and_must_be_fract
 
 def test_the_ema_warmup_flag_reaches_only_the_diffusion_stage_and_must_be_at_least_one(tmp_path, monkeypatch, capsys):
     seen = record_settings(monkeypatch)
-    monkeypatch.setattr("sd.train.restore_vae", lambda *args: None)
+    monkeypatch.setattr("sd.train.cli.restore_vae", lambda *args: None)
     for stage in ("vae", "diffusion"):
         with pytest.raises(StopTraining):
             main(tiny_shapes_run(tmp_path, "--stage", stage, "--ema-warmup", "4"))
@@ -224,7 +226,7 @@ def test_with_every_caption_dropped_the_unet_sees_only_the_empty_prompt():
     models.tokenizer = lambda captions: tokenized.append(list(captions)) or tokenizer(captions)
     trainer = Trainer(models, Settings(caption_dropout=1.0), ShapesData(), Path("unused"), cpu)
     images, captions, _ = ShapesData().batch(np.random.default_rng(0), 3)
-    trainer.diffusion_loss(trainer.encode(images), captions)
+    trainer.diffusion_loss(trainer.moments(images), captions)
     assert tokenized == [["", "", ""]], f"the UNet was conditioned on {tokenized}"
 
 
@@ -261,9 +263,9 @@ def test_re_coloured_sources_are_noised_and_denoised_to_the_captioned_image():
     trainer = Trainer(models, Settings(), ShapesData(), Path("unused"), torch.device("cpu"))
     images, _, sources = ShapesData(recolour=1.0).batch(np.random.default_rng(0), 5)
     sources[4] = images[4]  # a source that is its image: nothing to edit
-    moments, _, source_moments = trainer.encoded(images, [""] * 5, sources)
+    moments, _, source_moments = trainer.diffusion_batch(images, [""] * 5, sources)
     trainer.randn = lambda like: torch.zeros_like(like)  # latents at the posterior means
-    z0 = trainer.latents(moments)
+    z0 = trainer.sample_latents(moments)
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
     a = torch.tensor([0.1, 0.1, 0.9, 0.3, 0.1])[:, None, None, None]  # sample 2: SNR 9, past editing
     captioned = torch.tensor([True, False, True, True, True])  # sample 1: caption dropped, nothing to edit toward
@@ -273,7 +275,7 @@ def test_re_coloured_sources_are_noised_and_denoised_to_the_captioned_image():
     assert error < 1e-4, f"the targets denoise z_t to the captioned image's latent only to {error:.2e}"
     noised_from = (z_t - (1 - a).sqrt() * eps) / a.sqrt()
     from_source = torch.tensor([1, 0, 0, 1, 0]).bool()[:, None, None, None]
-    expected = torch.where(from_source, trainer.latents(trainer.encode(sources)), z0)
+    expected = torch.where(from_source, trainer.sample_latents(trainer.moments(sources)), z0)
     error = (noised_from - expected).abs().amax().item()
     where = "where editing applies (and the image elsewhere)"
     assert error < 1e-4, f"z_t is not noised from the source {where}: {error:.2e}"

@@ -1,0 +1,5 @@
+import sys
+
+from sd.train.cli import main
+
+sys.exit(main())
