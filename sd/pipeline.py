@@ -101,38 +101,21 @@ def generate(
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be between 0 and 1, got {strength}")
-    if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
-        raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
-    if init_image is None:
-        width, height = 512 if width is None else width, 512 if height is None else height
-        check_size(width, height)
-    else:
-        if latents is not None:
-            raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
-        check_size(8 if width is None else width, 8 if height is None else height)  # the image's own are rounded down
-        image = image_to_tensor(open_image(init_image), width, height)
-        height, width = image.shape[-2:]
+    check_arguments(models, prompts, negatives, steps, batch_size, strength, output_type, init_image, latents)
+    image, width, height = starting_image(init_image, width, height)
     sampler = make_sampler(sampler, karras=karras, eta=eta) if isinstance(sampler, str) else sampler
     seed = random.randrange(2**32) if seed is None else seed
     generator = torch.Generator("cpu").manual_seed(seed)
     device = models.device if device is None else torch.device(device)
     total = len(prompts) * batch_size
-    start = 0 if init_image is None else first_step(steps, strength)
+    start = 0 if image is None else first_step(steps, strength)
     sampler.set_steps(steps, start)
 
     guided = cfg_scale > 1
     with placed(models.clip, device):
         context = encode_prompts(models, (negatives + prompts) if guided else prompts, clip_skip)
     context = context.repeat_interleave(batch_size, dim=0)  # [negatives..., prompts...], each batch_size times
-    if init_image is None:
+    if image is None:
         x = initial_noise(models, sampler, total, width, height, latents, generator, device)
     else:
         with placed(models.encoder, device):
@@ -153,13 +136,43 @@ def generate(
         height=height,
         clip_skip=clip_skip,
         batch_size=batch_size,
-        strength=None if init_image is None else strength,
+        strength=None if image is None else strength,
     )
     if output_type == "latent":
         return Generated(x, parameters)
     with placed(models.decoder, device):
         images = (decode(models, x, vae_tile) / 2 + 0.5).clamp(0, 1).float().cpu()
     return Generated(to_pil(images) if output_type == "pil" else images, parameters)
+
+
+def check_arguments(
+    models: Models, prompts, negatives, steps, batch_size, strength, output_type, init_image, latents
+) -> None:
+    """What generate() can refuse before any work: one ValueError naming the argument."""
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
+        raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
+    if init_image is not None and latents is not None:
+        raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
+
+
+def starting_image(init_image, width: int | None, height: int | None) -> tuple[torch.Tensor | None, int, int]:
+    """(the init image as [1, 3, H, W] in [-1, 1], or None; the size to draw): width x height, by default 512 x 512,
+    or for image-to-image the image's own size rounded down to multiples of 8."""
+    if init_image is None:
+        width, height = 512 if width is None else width, 512 if height is None else height
+        check_size(width, height)
+        return None, width, height
+    check_size(8 if width is None else width, 8 if height is None else height)  # before opening the image
+    image = image_to_tensor(open_image(init_image), width, height)
+    return image, image.shape[-1], image.shape[-2]
 
 
 # -- the stages ---------------------------------------------------------------------------------------------------
