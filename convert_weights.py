@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from sd.files import save_atomically
 from sd.model_converter import to_ldm, to_native
 from sd.model_loader import load_models, sha256
 from sd.models import CheckpointError, Models
-from sd.native import native_metadata, save_atomically
+from sd.native import native_metadata
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

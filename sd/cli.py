@@ -8,18 +8,21 @@ import json
 import math
 import os
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
 from sd.attention import set_attention_chunk
-from sd.images import check_size, open_image
+from sd.files import remove_stale_temporaries, temporary_path
+from sd.images import check_size, default_size, open_image
+from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
 from sd.models import CheckpointError
 from sd.pipeline import Parameters, generate
 from sd.samplers import SAMPLERS, make_sampler
+from sd.sampling import TRAIN_STEPS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,17 +37,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="demo.py", description="Stable Diffusion v1.x: text-to-image and image-to-image.")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", default="", help="what to steer away from (negative prompt)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps, 1 to 1000 (default 20)")
+    p.add_argument(
+        "--cfg",
+        type=finite,
+        default=7.5,
+        help="classifier-free guidance scale (default 7.5); 1 or below means no guidance: the prompt's own "
+        "prediction, with the negative prompt unused",
+    )
+    p.add_argument("--seed", type=int, help="random seed, 0 to 2**64 - 1 (default, or -1: a fresh one, printed)")
     p.add_argument("--sampler", default="euler_a", choices=list(SAMPLERS), help="default euler_a")
     p.add_argument("--karras", action="store_true", help="Karras sigma schedule (euler, lms, dpmpp_2m)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (ddim only; default 0)")
+    p.add_argument("--eta", type=finite, default=0.0, help="DDIM's eta (ddim only; default 0)")
     p.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's size, 512 for SD v1.x)")
     p.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's size)")
     p.add_argument("--batch", type=int, default=1, help="images to make (one seed, one batch; default 1)")
     p.add_argument("--init-image", type=Path, help="image-to-image: start from this image")
-    p.add_argument("--strength", type=float, default=0.75, help="image-to-image: how much to change, 0..1 (0.75)")
+    p.add_argument("--strength", type=finite, default=0.75, help="image-to-image: how much to change, 0..1 (0.75)")
     p.add_argument("--clip-skip", type=int, default=1, help="stop CLIP this many layers early, minus one (A1111's)")
     p.add_argument("--ckpt", type=Path, help="SD v1.x checkpoint: .safetensors, .ckpt, diffusers folder, native")
     p.add_argument("--vae", type=Path, help="a replacement VAE file or diffusers vae/ folder")
@@ -63,6 +72,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     memory.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     memory.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster after)")
     return p.parse_args(argv)
+
+
+def finite(text: str) -> float:
+    """An argparse type: a float that is a number (not inf or nan)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,21 +110,73 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Everything that can be checked before loading a model, so bad input costs nothing and writes nothing."""
-    check_size(args.width or 8, args.height or 8)
+def validate(args: argparse.Namespace) -> Image.Image | None:
+    """Everything that can be checked before loading a model, so bad input costs nothing and writes nothing.
+    Returns the init image, opened."""
+    if args.seed == -1:
+        args.seed = None  # A1111's "random"
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be between 0 and 2**64 - 1, or -1 for a random one; got {args.seed}")
+    check_size(8 if args.width is None else args.width, 8 if args.height is None else args.height)
     if not 0 <= args.strength <= 1:
         raise ValueError(f"--strength must be between 0 and 1, got {args.strength}")
-    if args.steps < 1 or args.batch < 1:
-        raise ValueError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
+    if not 1 <= args.steps <= TRAIN_STEPS:
+        raise ValueError(f"--steps must be between 1 and {TRAIN_STEPS} (SD v1's training steps), got {args.steps}")
+    counts = {"--batch": args.batch, "--clip-skip": args.clip_skip, "--attention-chunk": args.attention_chunk}
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     make_sampler(args.sampler, karras=args.karras, eta=args.eta)
     if args.tile_vae is not None and (args.tile_vae < 64 or args.tile_vae % 32):
         raise ValueError(f"--tile-vae must be a multiple of 32, at least 64, got {args.tile_vae}")
-    if args.init_image is not None:
-        open_image(args.init_image)
+    check_output_folder(args.outdir)
     for flag, path in (("--ckpt", args.ckpt), ("--vae", args.vae)):
-        if path is not None and not path.exists():
-            raise ValueError(f"{flag} {path}: no such file or folder")
+        if path is not None:
+            check_readable(flag, path)
+    return None if args.init_image is None else open_image(args.init_image)
+
+
+def check_output_folder(folder: Path) -> None:
+    """--outdir must be a folder that can be written into, or created."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--outdir {folder}: {existing} is a file, not a folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--outdir {folder}: {existing} is not writable; pass a folder you can write to")
+
+
+def check_readable(flag: str, path: Path) -> None:
+    if not path.exists():
+        raise ValueError(f"{flag} {path}: no such file or folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ValueError(f"{flag} {path}: not readable; check its permissions")
+
+
+def check_memory(args: argparse.Namespace, checkpoint: Path, image, device: torch.device, dtype) -> None:
+    """Refuses a size or batch whose estimated memory (sd/memory.py) exceeds what the device has free, naming the
+    options that would make it fit."""
+    widths = peek(checkpoint)
+    native = (widths.image_size, widths.image_size)
+    width, height = default_size(image, widths.image_size) if image is not None else native
+    width, height = args.width or width, args.height or height
+    free = available(device)
+
+    def needs(**options) -> dict[str, int]:
+        return estimate(widths, width, height, args.batch, args.cfg > 1, dtype, **options)
+
+    current = {"vae_tile": args.tile_vae, "attention_chunk": args.attention_chunk}
+    hints = ["draw a smaller size (-W/-H)"] + ["fewer images (--batch)"] * (args.batch > 1)
+    for extra in ({"vae_tile": 512}, {"vae_tile": 512, "attention_chunk": 1024}):
+        added = {name: value for name, value in extra.items() if current[name] is None}
+        if added and free is not None and sum(needs(**(current | added)).values()) <= free:
+            hints = ["add " + " ".join(f"{MEMORY_FLAGS[name]} {value}" for name, value in added.items())]
+            break
+    check_fits(needs(**current), free, hints)
+
+
+MEMORY_FLAGS = {"vae_tile": "--tile-vae", "attention_chunk": "--attention-chunk"}
 
 
 def model_hash(path: Path) -> str:
@@ -118,6 +187,8 @@ def model_hash(path: Path) -> str:
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):  # damaged: start afresh
         cache = {}
     if key not in cache:
         cache[key] = sha256(path)[:10]
@@ -151,18 +222,20 @@ def infotext(parameters: Parameters, index: int, model: str, hash_: str) -> str:
         "Batch pos": index % per_prompt if per_prompt > 1 else None,
     }
     lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
-    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
+    text = "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
+    return text.replace("\0", "")  # a PNG text chunk cannot hold NUL; the tokenizer drops it from prompts too
 
 
 def save_png(image: Image.Image, folder: Path, suffix: str, info: str) -> Path:
     """Saves as the next free `NNNNN-suffix.png`: written to a temporary file, then hard-linked into place, which
     fails rather than replace a file that appeared meanwhile, so nothing is overwritten or left half-written."""
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
     numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
     number = max(numbers, default=-1) + 1
     chunk = PngImagePlugin.PngInfo()
     chunk.add_text("parameters", info)
-    tmp = folder / f".{os.getpid()}-{time.monotonic_ns()}.png.tmp"
+    tmp = temporary_path(folder, f"{suffix}.png")
     try:
         image.save(tmp, format="PNG", pnginfo=chunk)
         while True:
@@ -197,18 +270,17 @@ def tune(models, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    validate(args)
+    image = validate(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     checkpoint = args.ckpt or DEFAULT_CHECKPOINT
+    if args.ckpt is None and not checkpoint.is_file():
+        raise ValueError(f"the built-in model {checkpoint} is missing; pass --ckpt with an SD v1.x checkpoint")
+    check_memory(args, checkpoint, image, device, dtype)
     if args.ckpt is None:
-        if not checkpoint.is_file():
-            raise ValueError(f"the built-in model {checkpoint} is missing; pass --ckpt with an SD v1.x checkpoint")
         print("built-in shapes model; pass --ckpt for SD v1.x")
     models = load_models(checkpoint, device="cpu" if args.low_vram else device, dtype=dtype, ema=args.ema, vae=args.vae)
     tune(models, args)
-    width = args.width or (None if args.init_image else models.image_size)
-    height = args.height or (None if args.init_image else models.image_size)
     result = generate(
         args.prompt,
         models,
@@ -219,10 +291,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         steps=args.steps,
         cfg_scale=args.cfg,
         seed=args.seed,
-        width=width,
-        height=height,
+        width=args.width,
+        height=args.height,
         batch_size=args.batch,
-        init_image=args.init_image,
+        init_image=image,
         strength=args.strength,
         clip_skip=args.clip_skip,
         device=device,
@@ -244,9 +316,19 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning
+        try:
+            run(args)
+        except (ValueError, CheckpointError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: nothing more was written", file=sys.stderr)
+            return 130
     return 0
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as the CLI's other messages: `warning: ...` on one line, without the source line."""
+    print(f"warning: {str(message).splitlines()[0]}", file=sys.stderr)

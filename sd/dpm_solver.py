@@ -25,6 +25,8 @@ class DPMSolverPP2M(Sampler):
             timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas]).round()
         else:
             timesteps = np.linspace(0, TRAIN_STEPS - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+            # near 1000 steps rounding repeats a timestep, a step of zero length (NaN): each is taken once
+            timesteps = timesteps[np.sort(np.unique(timesteps, return_index=True)[1])]
             sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(torch.int64)

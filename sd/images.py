@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def check_size(width: int, height: int) -> None:
@@ -16,31 +16,53 @@ def check_size(width: int, height: int) -> None:
 
 
 def open_image(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB image from a path or a PIL image; a missing or unreadable file is a one-line ValueError."""
+    """An RGB image from a path or a PIL image, upright as viewers show it (EXIF orientation applied) and 16-bit
+    greyscale scaled to 8 bits; a missing, unreadable or oversized file is a one-line ValueError."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
     path = Path(image)
+    if path.is_dir():
+        raise ValueError(f"init image {path}: is a directory; pass an image file")
     if not path.is_file():
         raise ValueError(f"init image {path}: no such file")
     try:
         with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+            return to_rgb(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"init image {path}: refused, too many pixels to decode safely ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"init image {path}: not a readable image ({error})") from None
 
 
-def image_to_tensor(image: Image.Image, width: int | None, height: int | None) -> torch.Tensor:
-    """A PIL image -> [1, 3, H, W] in [-1, 1], resized (Lanczos, as diffusers) to width x height if given, else to
-    its own size rounded down to multiples of 8, saying so when it changes."""
-    size = (width or image.width - image.width % 8, height or image.height - image.height % 8)
-    if size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"init image is {image.width}x{image.height}; it needs at least 8x8 pixels")
-    if size != image.size:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own conversion clips 16- and 32-bit greyscale at 255 (a white image); they are scaled."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        levels = np.asarray(image, dtype=np.float64) * (255 / 65535)
+        image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def default_size(image: Image.Image, native: int) -> tuple[int, int]:
+    """Image-to-image's size when none is given: the image's own, rounded down to multiples of 8; an image of more
+    pixels than native x native is scaled down to about that many (its aspect kept), as other SD front ends draw
+    at the model's size, and a photo's size would not fit in memory."""
+    scale = min(1.0, native / (image.width * image.height) ** 0.5)
+    width, height = int(image.width * scale), int(image.height * scale)
+    if scale < 1:
         print(
-            f"init image resized from {image.width}x{image.height} to {size[0]}x{size[1]} "
-            "(sides must be multiples of 8)"
+            f"note: the init image is {image.width}x{image.height}; drawing at {width - width % 8}x"
+            f"{height - height % 8}, about the model's {native}x{native} (pass -W/-H for another size)"
         )
-        image = image.resize(size, resample=Image.LANCZOS)
+    return width - width % 8, height - height % 8
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """A PIL image -> [1, 3, height, width] in [-1, 1], resized (Lanczos, as diffusers) if it is another size."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"init image is {image.width}x{image.height}; it needs at least 8x8 pixels")
+    if (width, height) != image.size:
+        print(f"init image resized from {image.width}x{image.height} to {width}x{height}")
+        image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
 

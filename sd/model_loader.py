@@ -62,7 +62,7 @@ def load_models(
         state, metadata = read_checkpoint(path)
         layout = identify(state, metadata, path)
         if layout == "native":
-            components, configs = from_native(state), configs_from_metadata(metadata)
+            components, configs = from_native(state), configs_from_metadata(metadata, path)
         else:
             components, ignored = from_ldm(state, ema=ema)
         image_size = int(metadata.get("image_size", image_size))
@@ -94,9 +94,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass the path of an SD v1.x checkpoint")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror}); check its permissions") from None
     if len(head) == 9 and head[8:9] == b"{" and 8 < struct.unpack("<Q", head[:8])[0] + 8 <= size:
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -148,7 +151,8 @@ def _load_pickle(path: Path, zipped: bool) -> object:
                 f"{path}: refused: loading this pickle would call {culprit.group(1)}; "
                 "sd reads only tensors from .ckpt files"
             ) from None
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(error).splitlines()[0][:100]})") from None
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({detail})") from None
 
 
 def identify(state: dict, metadata: dict[str, str], path: Path) -> str:
@@ -313,13 +317,18 @@ def infer_clip_config(state: dict[str, torch.Tensor], heads: int | None = None) 
 
 def build(components: dict[str, dict], configs: dict, device, dtype) -> dict[str, torch.nn.Module]:
     """Networks for `configs`, built empty, adopting the components' tensors in `dtype` on `device`."""
-    with empty_modules():
-        nets = networks(configs)
+    try:
+        with empty_modules():
+            nets = networks(configs)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as error:
+        raise CheckpointError(f"the configs {configs} describe no network ({error})") from None
     for name, net in nets.items():
-        state = {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-            for k, v in components[name].items()
-        }
+        if wrong := [f"{k} ({v.dtype})" for k, v in components[name].items() if not v.is_floating_point()]:
+            raise CheckpointError(
+                f"the {name} weights hold non-float tensors: {name_keys(wrong, 3)}; SD v1 weights are float32, "
+                "float16 or bfloat16"
+            )
+        state = {k: v.to(device=device, dtype=dtype) for k, v in components[name].items()}
         load_component(net, state, name)
         net.eval()
     return nets

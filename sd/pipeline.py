@@ -13,6 +13,7 @@ stochastic sampler step's noise), always in float32 on the CPU, so a seed gives 
 """
 
 import contextlib
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from sd.autoencoder import sample_posterior
-from sd.images import check_size, image_to_tensor, open_image, to_pil
+from sd.images import check_size, default_size, image_to_tensor, open_image, to_pil
 from sd.model_loader import load_models
 from sd.models import Models
 from sd.samplers import make_sampler
-from sd.sampling import Sampler, noise, noise_like
+from sd.sampling import TRAIN_STEPS, Sampler, noise, noise_like
 from sd.tiling import tiled
 
 OUTPUT_TYPES = ("pil", "tensor", "latent")
@@ -92,17 +93,21 @@ def generate(
 
     sampler: ddpm, ddim, plms, euler, euler_a, lms, dpmpp_2m (or a Sampler); karras: their Karras sigma schedule;
     eta: DDIM's noise. cfg_scale: classifier-free guidance (1 or less: none, the negative prompt is unused).
-    width, height: multiples of 8; default 512, or for image-to-image the init image's size rounded down to 8s.
+    width, height: multiples of 8; default the model's size (512 for SD v1.x), or for image-to-image the init
+    image's size rounded down to 8s (scaled down to about the model's size if it is larger).
     init_image: image-to-image from this image (a path or PIL image), noised as for `strength` of the steps (0
     keeps it, 1 starts from pure noise). latents: the initial noise, [B, 4, h, w], instead of drawing it.
     output_type: "pil", "tensor" ([B, 3, H, W] in [0, 1], on the CPU) or "latent" (final latents, undecoded).
     device: where to compute (default: where the UNet is); a network kept elsewhere (say on the CPU, to save GPU
     memory) is moved there for its turn only. vae_tile: encode and decode in overlapping tiles of this many pixels.
     """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    check_arguments(models, prompts, negatives, steps, batch_size, strength, output_type, init_image, latents)
-    image, width, height = starting_image(init_image, width, height)
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+    negatives = (
+        list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
+    )
+    arguments = {name: value for name, value in locals().items() if name in ARGUMENT_TYPES}
+    check_arguments(models, prompts, negatives, arguments)
+    image, width, height = starting_image(init_image, width, height, models.image_size)
     sampler = make_sampler(sampler, karras=karras, eta=eta) if isinstance(sampler, str) else sampler
     seed = random.randrange(2**32) if seed is None else seed
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -120,8 +125,12 @@ def generate(
     else:
         with placed(models.encoder, device):
             x = noised_image(models, sampler, image.to(device, models.dtype), total, start, generator, vae_tile)
+    if image is not None and start == steps and strength > 0:
+        message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
+        warnings.warn(message + " (raise the strength or the steps)", stacklevel=2)
     with placed(models.diffusion, device):
         x = denoise(models.diffusion, sampler, x, context, cfg_scale, generator, start, progress)
+    check_finite(x, "the UNet")
 
     parameters = Parameters(
         prompts=prompts,
@@ -141,38 +150,101 @@ def generate(
     if output_type == "latent":
         return Generated(x, parameters)
     with placed(models.decoder, device):
-        images = (decode(models, x, vae_tile) / 2 + 0.5).clamp(0, 1).float().cpu()
+        images = decode(models, x, vae_tile)
+    check_finite(images, "the VAE decoder")
+    images = (images / 2 + 0.5).clamp(0, 1).float().cpu()
     return Generated(to_pil(images) if output_type == "pil" else images, parameters)
 
 
-def check_arguments(
-    models: Models, prompts, negatives, steps, batch_size, strength, output_type, init_image, latents
-) -> None:
-    """What generate() can refuse before any work: one ValueError naming the argument."""
+def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
+    """What generate() can refuse before any work: a TypeError or ValueError naming the argument."""
+    for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError(f"{name} must be a string or a list of strings, got {texts!r:.80}")
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    for name, kinds in ARGUMENT_TYPES.items():
+        value = options[name]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.40}")
+    for name in ("cfg_scale", "strength", "eta"):
+        if not math.isfinite(options[name]):
+            raise ValueError(f"{name} must be a finite number, got {options[name]}")
+    steps, batch_size, strength = options["steps"], options["batch_size"], options["strength"]
+    if not 1 <= steps <= TRAIN_STEPS:
+        raise ValueError(f"steps must be between 1 and {TRAIN_STEPS} (the steps SD v1 was trained with), got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    if options["seed"] is not None and not 0 <= options["seed"] < 2**64:
+        raise ValueError(f"seed must be between 0 and 2**64 - 1 (or None for a random one), got {options['seed']}")
+    if not 1 <= options["clip_skip"] <= models.clip.cfg.layers:
+        raise ValueError(f"clip_skip must be between 1 and {models.clip.cfg.layers} for this model's CLIP")
+    if options["output_type"] not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {options['output_type']!r}")
+    if options["device"] is not None:
+        check_device(torch.device(options["device"]))
     if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
         raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
-    if init_image is not None and latents is not None:
+    if options["init_image"] is not None and options["latents"] is not None:
         raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
 
 
-def starting_image(init_image, width: int | None, height: int | None) -> tuple[torch.Tensor | None, int, int]:
-    """(the init image as [1, 3, H, W] in [-1, 1], or None; the size to draw): width x height, by default 512 x 512,
-    or for image-to-image the image's own size rounded down to multiples of 8."""
+Number = (int, float)
+ARGUMENT_TYPES = {
+    "sampler": (str, Sampler),
+    "steps": (int,),
+    "cfg_scale": Number,
+    "seed": (int, type(None)),
+    "width": (int, type(None)),
+    "height": (int, type(None)),
+    "batch_size": (int,),
+    "init_image": (str, Path, Image.Image, type(None)),
+    "strength": Number,
+    "clip_skip": (int,),
+    "latents": (torch.Tensor, type(None)),
+    "output_type": (str,),
+    "progress": (bool,),
+    "karras": (bool,),
+    "eta": Number,
+    "device": (str, torch.device, type(None)),
+    "vae_tile": (int, type(None)),
+}
+
+
+def check_device(device: torch.device) -> None:
+    """A ValueError for a device this machine does not have."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device on this machine; use 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: no Apple GPU on this machine; use 'cpu'")
+
+
+def starting_image(
+    init_image, width: int | None, height: int | None, native: int
+) -> tuple[torch.Tensor | None, int, int]:
+    """(the init image as [1, 3, H, W] in [-1, 1], or None; the size to draw): width x height, by default the
+    model's native size, or for image-to-image the image's own (see images.default_size)."""
     if init_image is None:
-        width, height = 512 if width is None else width, 512 if height is None else height
+        width, height = native if width is None else width, native if height is None else height
         check_size(width, height)
         return None, width, height
     check_size(8 if width is None else width, 8 if height is None else height)  # before opening the image
-    image = image_to_tensor(open_image(init_image), width, height)
-    return image, image.shape[-1], image.shape[-2]
+    image = open_image(init_image)
+    own_width, own_height = default_size(image, native)
+    width, height = own_width if width is None else width, own_height if height is None else height
+    return image_to_tensor(image, width, height), width, height
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """A ValueError instead of a black image when a network produced NaN or infinity."""
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"{what} produced NaN or infinite values: the checkpoint's weights may be corrupt (or, in float16, too "
+            "large for it: try --dtype fp32 / dtype=torch.float32)"
+        )
 
 
 # -- the stages ---------------------------------------------------------------------------------------------------
@@ -299,4 +371,6 @@ class StableDiffusion:
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kwargs) -> list[Image.Image]:
         """The prompt drawn into `image` (a path or PIL image); strength: how much of it to redraw, 0..1."""
+        if image is None:
+            raise ValueError("img2img needs an image (a path or a PIL image); txt2img draws from the prompt alone")
         return generate(prompt, self.models, init_image=image, strength=strength, **kwargs).images

@@ -42,8 +42,10 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 
 
 def leading_timesteps(steps: int, offset: int = 1) -> np.ndarray:
-    """Every (1000 // steps)-th timestep, largest first, shifted by `offset`: 951, 901, ..., 1 for 20 steps."""
-    return (np.arange(0, steps) * (TRAIN_STEPS // steps)).round()[::-1].copy().astype(np.int64) + offset
+    """Every (1000 // steps)-th timestep, largest first, shifted by `offset`: 951, 901, ..., 1 for 20 steps. At 1000
+    steps the offset would put the first at timestep 1000, past the schedule (diffusers fails there): it is dropped."""
+    timesteps = (np.arange(0, steps) * (TRAIN_STEPS // steps)).round()[::-1].copy().astype(np.int64)
+    return timesteps + min(offset, TRAIN_STEPS - 1 - int(timesteps[0]))
 
 
 def linspace_timesteps(steps: int) -> np.ndarray:

@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
+from sd.files import new_file_mode
 from sd.model_loader import load_models
 from sd.models import CheckpointError
-from sd.native import new_file_mode
 
 CLIP_CFG, VAE_CFG, UNET_CFG = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
 ROOT = Path(__file__).parents[1]

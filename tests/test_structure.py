@@ -3,6 +3,7 @@ and a built wheel installed elsewhere runs with the data it ships."""
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -71,8 +72,13 @@ def installed_wheel(tmp_path_factory) -> Path:
     """A fresh virtual environment with a wheel of this checkout installed (no dependencies: the running
     environment's torch, numpy, ... are made visible to it through a .pth file, so nothing is downloaded)."""
     where = tmp_path_factory.mktemp("wheel")
+    source = where / "source"  # a copy: building in the checkout would leave build/ and *.egg-info there
+    for folder in ("sd", "weights", "data"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", where / "dist", ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", where / "dist", source],
         capture_output=True,
         text=True,
     )

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from sd.autoencoder import VAEConfig
+from sd.files import new_file_mode
 from sd.model_loader import load_models
-from sd.native import new_file_mode
 from sd.train import EMA, TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
 
 ROOT = Path(__file__).parents[1]

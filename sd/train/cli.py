@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
+from sd.files import save_atomically
 from sd.model_converter import from_native, to_native
 from sd.model_loader import load_models
 from sd.models import Models, networks
-from sd.native import native_metadata, save_atomically
+from sd.native import native_metadata
 from sd.tokenizer import default_tokenizer
 from sd.train.data import FolderData, ShapesData
 from sd.train.trainer import Settings, Trainer, normalise_latents
