@@ -11,6 +11,7 @@ place, so an interrupted run leaves nothing half-written.
 """
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -54,6 +55,26 @@ def convert(
     return models
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Everything about IN, OUT and --vae that can be checked before the (long) conversion starts."""
+    for flag, path in (("IN", args.source), ("--vae", args.vae)):
+        if path is not None and not path.exists():
+            raise ValueError(f"{flag} {path}: no such file or folder")
+        if path is not None and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise ValueError(f"{flag} {path}: not readable; check its permissions")
+    if args.out.is_dir():
+        raise ValueError(f"OUT {args.out} is a folder; name the file to write, such as {args.out}/model.safetensors")
+    if args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it")
+    if args.out.exists() and args.out.resolve() == args.source.resolve():
+        raise ValueError("OUT is the source checkpoint; write the native file elsewhere")
+    folder = args.out.parent
+    if not folder.is_dir():
+        raise ValueError(f"OUT's folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"OUT's folder {folder} is not writable; write elsewhere")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="SD v1.x checkpoint: .safetensors, .ckpt, diffusers folder")
@@ -65,17 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
 
-    if args.out.exists() and not args.force:
-        print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
-    if args.out.resolve() == args.source.resolve():
-        print("error: OUT is the source checkpoint; write the native file elsewhere", file=sys.stderr)
-        return 2
     try:
+        check_paths(args)
         models = convert(args.source, args.out, args.dtype, args.ema, args.vae, args.layout)
-    except CheckpointError as error:
+    except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the disk filled up or the folder went away while writing
+        print(f"error: writing {args.out}: {error.strerror}; nothing was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     print(report(models, args.dtype, args.out))
     return 0
 

@@ -45,6 +45,8 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         context_dim = context_dim or dim
+        if dim % heads:
+            raise ValueError(f"{dim} channels do not split into {heads} attention heads")
         self.heads = heads
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)

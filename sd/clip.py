@@ -42,6 +42,8 @@ class CLIPEmbeddings(nn.Module):
 class CLIPAttention(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
+        if cfg.width % cfg.heads:
+            raise ValueError(f"CLIP's {cfg.width} channels do not split into {cfg.heads} attention heads")
         self.heads = cfg.heads
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)

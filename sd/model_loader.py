@@ -32,7 +32,7 @@ from sd.model_converter import (
     indices,
     name_keys,
 )
-from sd.models import CheckpointError, Models, networks
+from sd.models import CheckpointError, Models, check_device, networks
 from sd.native import NATIVE_FORMAT, configs_from_metadata
 from sd.package_data import package_file
 from sd.tokenizer import Tokenizer, default_tokenizer
@@ -53,6 +53,11 @@ def load_models(
     ema: take the UNet's EMA copy from a full training file (default: the raw weights, as diffusers does).
     vae: a replacement autoencoder file or diffusers vae/ folder (such as vae-ft-mse-840000-ema-pruned).
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
+    if not isinstance(path, (str, Path, type(None))):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    check_device(torch.device(device))
     path = Path(DEFAULT_CHECKPOINT if path is None else path)
     tokenizer, hints, ignored, configs, image_size, command = default_tokenizer(), {}, {}, {}, 512, ""
     if path.is_dir():

@@ -23,6 +23,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be mapped onto our modules; the message names the file or keys and what to do."""
 
 
+def check_device(device: torch.device) -> None:
+    """A ValueError for a device this machine does not have."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device on this machine; use 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: no Apple GPU on this machine; use 'cpu'")
+
+
 def networks(configs: dict) -> dict[str, torch.nn.Module]:
     """The four networks for `configs` (as SD_V1_CONFIGS), freshly initialised, by their component names."""
     return {

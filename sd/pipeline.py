@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sd.autoencoder import sample_posterior
 from sd.images import check_size, default_size, image_to_tensor, open_image, to_pil
 from sd.model_loader import load_models
-from sd.models import Models
+from sd.models import Models, check_device
 from sd.samplers import make_sampler
 from sd.sampling import TRAIN_STEPS, Sampler, noise, noise_like
 from sd.tiling import tiled
@@ -212,14 +212,6 @@ ARGUMENT_TYPES = {
     "device": (str, torch.device, type(None)),
     "vae_tile": (int, type(None)),
 }
-
-
-def check_device(device: torch.device) -> None:
-    """A ValueError for a device this machine does not have."""
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: no CUDA device on this machine; use 'cpu'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r}: no Apple GPU on this machine; use 'cpu'")
 
 
 def starting_image(

@@ -273,9 +273,11 @@ class Tokenizer:
         room = CONTEXT_LENGTH - 2
         if len(ids) > room and prompt not in self.warned:
             self.warned.add(prompt)
+            dropped = self.decode(ids[room:])
+            dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
             warnings.warn(
                 f"prompt truncated: CLIP reads {room} tokens, this prompt has {len(ids)}; "
-                f"the last {len(ids) - room} were dropped: {self.decode(ids[room:])!r}",
+                f"the last {len(ids) - room} were dropped: {dropped!r}",
                 stacklevel=3,
             )
         framed = [self.start_id, *ids[:room], self.end_id]
