@@ -81,6 +81,11 @@ def nothing_in(folder: Path) -> bool:
     return not folder.exists() or not any(folder.iterdir())
 
 
+def small_run(prompt: str, ckpt: Path, outdir: Path, *args: str) -> list[str]:
+    """The command line of a one-step 16x16 generation."""
+    return [prompt, "--ckpt", str(ckpt), "-W", "16", "-H", "16", "--steps", "1", "--outdir", str(outdir), *args]
+
+
 # -- checked too late: every check that can be made before loading is made before loading -------------------------
 
 
@@ -259,25 +264,10 @@ def test_non_finite_numbers_are_refused(models, name, value):
 
 
 def test_a_model_that_produces_nan_is_an_error_not_a_black_image(checkpoint, ckpt, tmp_path, capsys):
-    broken = dict(checkpoint)
-    broken["model.diffusion_model.out.2.weight"] = torch.full_like(
-        checkpoint["model.diffusion_model.out.2.weight"], math.nan
-    )
-    save_file(broken, tmp_path / "nan.safetensors")
+    key = "model.diffusion_model.out.2.weight"
+    save_file(checkpoint | {key: torch.full_like(checkpoint[key], math.nan)}, tmp_path / "nan.safetensors")
     out = tmp_path / "out"
-    argv = [
-        "a cat",
-        "--ckpt",
-        str(tmp_path / "nan.safetensors"),
-        "-W",
-        "16",
-        "-H",
-        "16",
-        "--steps",
-        "1",
-        "--outdir",
-        str(out),
-    ]
+    argv = small_run("a cat", tmp_path / "nan.safetensors", out)
     assert main(argv) == 2
     *progress, last = capsys.readouterr().err.splitlines()  # the sampler's tqdm bar ran before the NaN showed
     assert last.startswith("error: the UNet produced NaN") and not any("error" in line for line in progress), last
@@ -385,26 +375,7 @@ def test_without_a_size_the_api_draws_at_the_models_size(models):
 
 
 def test_seed_minus_one_draws_a_random_seed(ckpt, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "a cat",
-                "--ckpt",
-                str(ckpt),
-                "-W",
-                "16",
-                "-H",
-                "16",
-                "--steps",
-                "1",
-                "--seed",
-                "-1",
-                "--outdir",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    assert main(small_run("a cat", ckpt, tmp_path, "--seed", "-1")) == 0
     seed = int(capsys.readouterr().out.split("seed ")[1].split()[0])
     assert seed >= 0 and [p.name for p in tmp_path.iterdir()] == [f"00000-{seed}.png"]
 
@@ -423,21 +394,7 @@ def test_a_huge_prompt_warns_in_one_short_line():
 
 
 def test_a_nul_in_the_prompt_still_gives_a_valid_png(ckpt, tmp_path):
-    argv = [
-        "a\x00cat",
-        "--ckpt",
-        str(ckpt),
-        "-W",
-        "16",
-        "-H",
-        "16",
-        "--steps",
-        "1",
-        "--seed",
-        "4",
-        "--outdir",
-        str(tmp_path),
-    ]
+    argv = small_run("a\x00cat", ckpt, tmp_path, "--seed", "4")
     assert main(argv) == 0
     with Image.open(tmp_path / "00000-4.png") as png:
         png.verify()
@@ -450,7 +407,7 @@ def test_ctrl_c_stops_with_one_line_and_no_files(ckpt, tmp_path, capsys, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sd.cli, "generate", interrupted)
-    assert main(["a cat", "--ckpt", str(ckpt), "-W", "16", "-H", "16", "--outdir", str(tmp_path / "out")]) == 130
+    assert main(small_run("a cat", ckpt, tmp_path / "out")) == 130
     assert capsys.readouterr().err == "interrupted: nothing more was written\n"
     assert nothing_in(tmp_path / "out")
 
