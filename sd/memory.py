@@ -102,8 +102,8 @@ def check_fits(needs: dict[str, int], free: int | None, hints: list[str]) -> Non
     total = sum(needs.values())
     if free is None or total <= free:
         return
-    parts = ", ".join(f"{name} {size / GIB:.1f}" for name, size in needs.items())
+    parts = ", ".join(f"{name} {size / GIB:,.1f}" for name, size in needs.items())
     raise ValueError(
-        f"this generation needs about {total / GIB:.1f} GiB ({parts}) and {free / GIB:.1f} GiB are free; "
+        f"this generation needs about {total / GIB:,.1f} GiB ({parts}) and {free / GIB:,.1f} GiB are free; "
         + " or ".join(hints)
     )

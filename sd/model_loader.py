@@ -253,7 +253,10 @@ def read_vae(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """A replacement autoencoder: an LDM-layout VAE file, a diffusers VAE weights file, or a diffusers vae/ folder."""
     path = Path(path)
     if path.is_dir():
-        path = next((path / f for f in WEIGHT_FILES["vae"] if (path / f).is_file()), path / WEIGHT_FILES["vae"][0])
+        weights = next((path / f for f in WEIGHT_FILES["vae"] if (path / f).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: a folder without VAE weights (expected {WEIGHT_FILES['vae'][0]} or .bin)")
+        path = weights
     state, _ = read_checkpoint(path)
     if "encoder.down_blocks.0.resnets.0.norm1.weight" in state:
         return from_diffusers_vae(state)
