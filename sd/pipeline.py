@@ -14,6 +14,7 @@ stochastic sampler step's noise), always in float32 on the CPU, so a seed gives 
 
 import contextlib
 import math
+import numbers
 import random
 import warnings
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
     for name, kinds in ARGUMENT_TYPES.items():
         value = options[name]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            expected = " or ".join(TYPE_NAMES.get(k, k.__name__) for k in kinds)
             raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.40}")
     for name in ("cfg_scale", "strength", "eta"):
         if not math.isfinite(options[name]):
@@ -192,26 +193,27 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
         raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
 
 
-Number = (int, float)
+Int, Real, NoneType = numbers.Integral, numbers.Real, type(None)  # numpy's numbers count too
 ARGUMENT_TYPES = {
     "sampler": (str, Sampler),
-    "steps": (int,),
-    "cfg_scale": Number,
-    "seed": (int, type(None)),
-    "width": (int, type(None)),
-    "height": (int, type(None)),
-    "batch_size": (int,),
-    "init_image": (str, Path, Image.Image, type(None)),
-    "strength": Number,
-    "clip_skip": (int,),
-    "latents": (torch.Tensor, type(None)),
+    "steps": (Int,),
+    "cfg_scale": (Real,),
+    "seed": (Int, NoneType),
+    "width": (Int, NoneType),
+    "height": (Int, NoneType),
+    "batch_size": (Int,),
+    "init_image": (str, Path, Image.Image, NoneType),
+    "strength": (Real,),
+    "clip_skip": (Int,),
+    "latents": (torch.Tensor, NoneType),
     "output_type": (str,),
     "progress": (bool,),
     "karras": (bool,),
-    "eta": Number,
-    "device": (str, torch.device, type(None)),
-    "vae_tile": (int, type(None)),
+    "eta": (Real,),
+    "device": (str, torch.device, NoneType),
+    "vae_tile": (Int, NoneType),
 }
+TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None"}
 
 
 def starting_image(

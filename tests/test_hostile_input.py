@@ -344,7 +344,7 @@ def test_a_large_init_image_is_drawn_at_about_the_models_size(models, capsys):
         ({"steps": 2.5}, TypeError, "steps must be int, got float"),
         ({"seed": "abc"}, TypeError, "seed must be int or None, got str"),
         ({"seed": 2**64}, ValueError, "seed must be between 0 and 2\\*\\*64 - 1"),
-        ({"cfg_scale": "7"}, TypeError, "cfg_scale must be int or float"),
+        ({"cfg_scale": "7"}, TypeError, "cfg_scale must be a number, got str"),
         ({"progress": 1}, TypeError, "progress must be bool"),
     ],
     ids=["prompt", "negative", "width", "steps", "seed", "seed-range", "cfg", "progress"],
