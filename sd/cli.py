@@ -15,12 +15,14 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sd.attention import set_attention_chunk
+from sd.embeddings import load_embeddings
 from sd.files import remove_stale_temporaries, temporary_path
 from sd.images import check_size, default_size, open_image
 from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
 from sd.models import CheckpointError
 from sd.pipeline import Parameters, generate
+from sd.prompts import EMPHASIS
 from sd.samplers import SAMPLERS, make_sampler
 from sd.sampling import TRAIN_STEPS
 
@@ -55,6 +57,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--init-image", type=Path, help="image-to-image: start from this image")
     p.add_argument("--strength", type=finite, default=0.75, help="image-to-image: how much to change, 0..1 (0.75)")
     p.add_argument("--clip-skip", type=int, default=1, help="stop CLIP this many layers early, minus one (A1111's)")
+    p.add_argument(
+        "--emphasis",
+        choices=EMPHASIS,
+        default="original",
+        help="how (word:1.2) weights apply: A1111's original (default), no_norm, or none (brackets are text)",
+    )
+    p.add_argument(
+        "--pad-prompts",
+        action="store_true",
+        help="pad the shorter of a long prompt and its negative with empty chunks: one UNet call (A1111's "
+        "pad_cond_uncond)",
+    )
+    p.add_argument(
+        "--embeddings", type=Path, help="a textual-inversion file, or a folder of them: each file's name triggers it"
+    )
     p.add_argument("--ckpt", type=Path, help="SD v1.x checkpoint: .safetensors, .ckpt, diffusers folder, native")
     p.add_argument("--vae", type=Path, help="a replacement VAE file or diffusers vae/ folder")
     p.add_argument("--ema", action="store_true", help="use the EMA UNet of a full training checkpoint")
@@ -130,7 +147,7 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
     if args.tile_vae is not None and (args.tile_vae < 64 or args.tile_vae % 32):
         raise ValueError(f"--tile-vae must be a multiple of 32, at least 64, got {args.tile_vae}")
     check_output_folder(args.outdir)
-    for flag, path in (("--ckpt", args.ckpt), ("--vae", args.vae)):
+    for flag, path in (("--ckpt", args.ckpt), ("--vae", args.vae), ("--embeddings", args.embeddings)):
         if path is not None:
             check_readable(flag, path)
     return None if args.init_image is None else open_image(args.init_image)
@@ -281,6 +298,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         print("built-in shapes model; pass --ckpt for SD v1.x")
     models = load_models(checkpoint, device="cpu" if args.low_vram else device, dtype=dtype, ema=args.ema, vae=args.vae)
     tune(models, args)
+    if args.embeddings is not None:
+        print(f"embeddings: {', '.join(load_embeddings(models, args.embeddings))}")
     result = generate(
         args.prompt,
         models,
@@ -297,6 +316,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         init_image=image,
         strength=args.strength,
         clip_skip=args.clip_skip,
+        emphasis=args.emphasis,
+        pad_prompts=args.pad_prompts,
         device=device,
         vae_tile=args.tile_vae,
     )

@@ -34,9 +34,11 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, token_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """token_vectors [B, T, width]: the tokens' vectors, given instead of looked up (textual inversion)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.token_embedding(tokens) + self.position_embedding(positions)
+        vectors = self.token_embedding(tokens) if token_vectors is None else token_vectors
+        return vectors + self.position_embedding(positions)
 
 
 class CLIPAttention(nn.Module):
@@ -99,8 +101,11 @@ class CLIP(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """tokens: LongTensor [B, T], T <= 77 -> final-layer-normed hidden states [B, T, width].
+    def forward(
+        self, tokens: torch.Tensor, clip_skip: int = 1, token_vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens: LongTensor [B, T], T <= 77 -> final-layer-normed hidden states [B, T, width]; token_vectors, if
+        given, are the tokens' input vectors (a textual-inversion embedding replaces some).
 
         clip_skip=k stops k-1 layers before the last (A1111's "Clip skip": 1 is the full model, 2 the penultimate
         layer, which some fine-tuned checkpoints were trained on); the final layer norm applies either way.
@@ -109,5 +114,5 @@ class CLIP(nn.Module):
             raise ValueError(f"clip_skip must be between 1 and {self.cfg.layers}, got {clip_skip}")
         if tokens.shape[1] > self.cfg.max_positions:
             raise ValueError(f"at most {self.cfg.max_positions} tokens fit CLIP's positions, got {tokens.shape[1]}")
-        x = self.encoder(self.embeddings(tokens), depth=self.cfg.layers - (clip_skip - 1))
+        x = self.encoder(self.embeddings(tokens, token_vectors), depth=self.cfg.layers - (clip_skip - 1))
         return self.final_layer_norm(x)

@@ -55,6 +55,7 @@ class Models:
     ignored: dict[str, str] = field(default_factory=dict)  # checkpoint keys not loaded -> why
     image_size: int = 512  # the side the model was trained at, which the demo draws by default
     command: str = ""  # the sd.train command(s) that made one of our native files, from its metadata
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # textual inversion: trigger -> [n, width]
 
     def named(self) -> dict[str, torch.nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "diffusion": self.diffusion}

@@ -1,9 +1,9 @@
 """Text-to-image and image-to-image, as four stages that `generate` composes:
 
-    context = encode_prompts(...)    the prompts through CLIP (with guidance, the negative prompts first)
+    guidance = Guidance.build(...)   the prompts (A1111's syntax) through CLIP, as contexts over the steps
     x = initial_noise(...)           text-to-image: the starting noise; image-to-image: noised_image(...), the init
                                      image's latents noised to the level where sampling starts
-    x = denoise(...)                 the sampler's loop; classifier-free guidance in guided_noise
+    x = denoise(...)                 the sampler's loop; each step's guided noise prediction is guidance(...)
     images = decode(models, x)       the VAE decoder
 
 Seeds reproduce diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline run with
@@ -25,9 +25,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from sd.autoencoder import sample_posterior
+from sd.guidance import Guidance
 from sd.images import check_size, default_size, image_to_tensor, open_image, to_pil
 from sd.model_loader import load_models
 from sd.models import Models, check_device
+from sd.prompts import EMPHASIS
 from sd.samplers import make_sampler
 from sd.sampling import TRAIN_STEPS, Sampler, noise, noise_like
 from sd.tiling import tiled
@@ -89,6 +91,8 @@ def generate(
     eta: float = 0.0,
     device: str | torch.device | None = None,
     vae_tile: int | None = None,
+    emphasis: str = "original",
+    pad_prompts: bool = False,
 ) -> Generated:
     """Images for a prompt (or a list of prompts, `batch_size` images each).
 
@@ -101,6 +105,9 @@ def generate(
     output_type: "pil", "tensor" ([B, 3, H, W] in [0, 1], on the CPU) or "latent" (final latents, undecoded).
     device: where to compute (default: where the UNet is); a network kept elsewhere (say on the CPU, to save GPU
     memory) is moved there for its turn only. vae_tile: encode and decode in overlapping tiles of this many pixels.
+    Prompts follow A1111's syntax (sd/prompts.py); emphasis: how weights apply, "original" (A1111's default),
+    "no_norm" or "none" (brackets are text); pad_prompts: a prompt and negative prompt of different lengths padded
+    to one (A1111's pad_cond_uncond: one UNet call, other numbers) instead of taking a call each.
     """
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     negatives = (
@@ -117,10 +124,10 @@ def generate(
     start = 0 if image is None else first_step(steps, strength)
     sampler.set_steps(steps, start)
 
-    guided = cfg_scale > 1
     with placed(models.clip, device):
-        context = encode_prompts(models, (negatives + prompts) if guided else prompts, clip_skip)
-    context = context.repeat_interleave(batch_size, dim=0)  # [negatives..., prompts...], each batch_size times
+        guidance = Guidance.build(
+            models, prompts, negatives, batch_size, steps, cfg_scale, clip_skip, emphasis, pad_prompts
+        )
     if image is None:
         x = initial_noise(models, sampler, total, width, height, latents, generator, device)
     else:
@@ -130,7 +137,7 @@ def generate(
         message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
         warnings.warn(message + " (raise the strength or the steps)", stacklevel=2)
     with placed(models.diffusion, device):
-        x = denoise(models.diffusion, sampler, x, context, cfg_scale, generator, start, progress)
+        x = denoise(models.diffusion, sampler, x, guidance, generator, start, progress)
     check_finite(x, "the UNet")
 
     parameters = Parameters(
@@ -183,6 +190,8 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
         raise ValueError(f"seed must be between 0 and 2**64 - 1 (or None for a random one), got {options['seed']}")
     if not 1 <= options["clip_skip"] <= models.clip.cfg.layers:
         raise ValueError(f"clip_skip must be between 1 and {models.clip.cfg.layers} for this model's CLIP")
+    if options["emphasis"] not in EMPHASIS:
+        raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS)}, got {options['emphasis']!r}")
     if options["output_type"] not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {options['output_type']!r}")
     if options["device"] is not None:
@@ -212,6 +221,8 @@ ARGUMENT_TYPES = {
     "eta": (Real,),
     "device": (str, torch.device, NoneType),
     "vae_tile": (Int, NoneType),
+    "emphasis": (str,),
+    "pad_prompts": (bool,),
 }
 TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None"}
 
@@ -242,12 +253,6 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 # -- the stages ---------------------------------------------------------------------------------------------------
-
-
-def encode_prompts(models: Models, prompts: list[str], clip_skip: int) -> torch.Tensor:
-    """Prompts -> CLIP context [len(prompts), 77, width] on the networks' device and dtype."""
-    tokens = models.tokenizer(prompts).to(models.clip.embeddings.token_embedding.weight.device)
-    return models.clip(tokens, clip_skip=clip_skip)
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -283,29 +288,18 @@ def denoise(
     unet,
     sampler: Sampler,
     x: torch.Tensor,
-    context: torch.Tensor,
-    cfg_scale: float,
+    guidance: Guidance,
     generator: torch.Generator,
     start: int = 0,
     progress: bool = True,
 ) -> torch.Tensor:
     """The sampling loop from step `start` on: the guided noise prediction, then the sampler's step. `unet` is
     whatever predicts the noise, called as the UNet is, (latents, timestep, context): where per-step features
-    (hooks, caches) attach."""
+    (hooks, caches) attach. Prompt edits count the steps taken, from 0, as A1111 does."""
     for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
-        eps = guided_noise(unet, sampler.scale_input(x, i), sampler.timesteps[i], context, cfg_scale)
+        eps = guidance(unet, sampler.scale_input(x, i), sampler.timesteps[i], i - start)
         x = sampler.step(eps, i, x, generator)
     return x
-
-
-def guided_noise(unet, x: torch.Tensor, t, context: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps(x | negative) + cfg (eps(x | prompt) - eps(x |
-    negative)), both predictions in one batch, the context's first half the negative prompts'. cfg_scale <= 1: the
-    prompt's prediction alone (the context holds only the prompts)."""
-    if cfg_scale <= 1:
-        return unet(x, t, context)
-    eps_negative, eps_prompt = unet(torch.cat([x, x]), t, context).chunk(2)
-    return eps_negative + cfg_scale * (eps_prompt - eps_negative)
 
 
 def encode(models: Models, images: torch.Tensor, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
