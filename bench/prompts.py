@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "data")]
 from common import median_seconds, write_table  # noqa: E402
 
 PLAIN = "a photo of an astronaut riding a horse on mars, highly detailed, sharp focus, 8k, trending on artstation"
-LONG = ", ".join([PLAIN] * 6)  # about 3 chunks of 75 tokens
+LONG = ", ".join([PLAIN] * 8)  # 3 chunks of 75 tokens
 WEIGHTED = LONG.replace("astronaut", "(astronaut:1.3)").replace("horse", "[horse]")
 
 
