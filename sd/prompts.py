@@ -6,6 +6,7 @@ and alternation, and AND.
     split_and("a cat AND a dog:0.5")          [("a cat", 1.0), (" a dog", 0.5)]
     encode_prompt(models, "a (red:1.3) ...")  the context [1, 77 k, width]: k chunks of 75 tokens, each framed and
                                               encoded by CLIP on its own, scaled by the emphasis weights
+    load_embeddings(models, "embeddings/")    textual inversion (sd/embeddings.py), used by trigger word
 
 `python -m sd.prompts "a (red:1.3) circle BREAK on blue"` prints what each step makes of a prompt.
 """
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sd.embeddings import load_embeddings
 from sd.model_loader import load_models
 from sd.models import Models
+
+__all__ = ["chunks", "encode_prompt", "explain", "load_embeddings", "parse_emphasis", "schedule", "split_and"]
 
 CHUNK = 75  # prompt tokens per CLIP pass: 77 positions less the start and end tokens
 EMPHASIS = ("original", "no_norm", "none")

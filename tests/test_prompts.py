@@ -12,11 +12,10 @@ from reference import assert_close, ldm_key_shapes, our_models, random_checkpoin
 from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
-from sd.embeddings import load_embeddings
 from sd.guidance import Guidance, predict
 from sd.model_loader import load_models
 from sd.pipeline import generate
-from sd.prompts import chunks, encode_prompt, parse_emphasis, schedule, split_and
+from sd.prompts import chunks, encode_prompt, load_embeddings, parse_emphasis, schedule, split_and
 from sd.prompts import main as prompts_main
 from sd.shapes import judge
 
@@ -179,6 +178,16 @@ def test_a_plain_prompt_gives_todays_context_exactly(models):
         plain = encode_prompt(models, "a red circle on a blue background")
         framed = models.clip(models.tokenizer(["a red circle on a blue background"]))
     assert torch.equal(plain, framed)
+
+
+def test_a_plain_prompt_equals_diffusers_encode_prompt(checkpoint, models, tmp_path):
+    from reference import diffusers_pipelines
+
+    pipeline, _ = diffusers_pipelines(checkpoint, *CFGS, tmp_path)
+    prompt = "a red circle on a blue background, small, top left"
+    theirs, _ = pipeline.encode_prompt(prompt, "cpu", 1, False)
+    with torch.no_grad():
+        assert_close(encode_prompt(models, prompt), theirs, "plain prompt against diffusers' encode_prompt")
 
 
 def test_two_unweighted_chunks_are_the_two_encodings_side_by_side(models):
