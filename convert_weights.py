@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sd.cli import check_readable
 from sd.files import save_atomically
 from sd.model_converter import to_ldm, to_native
 from sd.model_loader import load_models, sha256
@@ -58,10 +59,8 @@ def convert(
 def check_paths(args: argparse.Namespace) -> None:
     """Everything about IN, OUT and --vae that can be checked before the (long) conversion starts."""
     for flag, path in (("IN", args.source), ("--vae", args.vae)):
-        if path is not None and not path.exists():
-            raise ValueError(f"{flag} {path}: no such file or folder")
-        if path is not None and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-            raise ValueError(f"{flag} {path}: not readable; check its permissions")
+        if path is not None:
+            check_readable(flag, path)
     if args.out.is_dir():
         raise ValueError(f"OUT {args.out} is a folder; name the file to write, such as {args.out}/model.safetensors")
     if args.out.exists() and not args.force:

@@ -24,6 +24,7 @@ setup(
             "accelerate==1.15.0",
             "ftfy==6.3.1",
             "scipy==1.17.1",  # diffusers' LMS scheduler integrates with it
+            "peft==0.21.2",  # diffusers' load_lora_weights needs it
         ],
     },
 )

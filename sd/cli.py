@@ -18,11 +18,12 @@ from sd.attention import set_attention_chunk
 from sd.embeddings import load_embeddings
 from sd.files import remove_stale_temporaries, temporary_path
 from sd.images import check_size, default_size, open_image
+from sd.lora import load_lora
 from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
 from sd.models import CheckpointError
 from sd.pipeline import Parameters, generate
-from sd.prompts import EMPHASIS
+from sd.prompts import EMPHASIS, number
 from sd.samplers import SAMPLERS, make_sampler
 from sd.sampling import TRAIN_STEPS
 
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="pad the shorter of a long prompt and its negative with empty chunks: one UNet call (A1111's "
         "pad_cond_uncond)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA (kohya/A1111 or diffusers file), at STRENGTH (default 1); repeatable",
     )
     p.add_argument(
         "--embeddings", type=Path, help="a textual-inversion file, or a folder of them: each file's name triggers it"
@@ -147,10 +155,21 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
     if args.tile_vae is not None and (args.tile_vae < 64 or args.tile_vae % 32):
         raise ValueError(f"--tile-vae must be a multiple of 32, at least 64, got {args.tile_vae}")
     check_output_folder(args.outdir)
+    args.loras = [lora_argument(text) for text in args.lora]
     for flag, path in (("--ckpt", args.ckpt), ("--vae", args.vae), ("--embeddings", args.embeddings)):
         if path is not None:
             check_readable(flag, path)
+    for path, _ in args.loras:
+        check_readable("--lora", path)
     return None if args.init_image is None else open_image(args.init_image)
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    """FILE or FILE:STRENGTH (a number after the last colon; a path may hold colons of its own)."""
+    path, _, strength = text.rpartition(":")
+    if path and strength and number(strength) is not None and math.isfinite(number(strength)):
+        return Path(path), number(strength)
+    return Path(text), 1.0
 
 
 def check_output_folder(folder: Path) -> None:
@@ -298,6 +317,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         print("built-in shapes model; pass --ckpt for SD v1.x")
     models = load_models(checkpoint, device="cpu" if args.low_vram else device, dtype=dtype, ema=args.ema, vae=args.vae)
     tune(models, args)
+    for path, strength in args.loras:
+        lora = load_lora(models, path, strength=strength)
+        skipped = f", {len(lora.skipped)} keys skipped" if lora.skipped else ""
+        print(f"LoRA {path.name} at {strength:g}: {len(lora.layers)} layers{skipped}")
     if args.embeddings is not None:
         print(f"embeddings: {', '.join(load_embeddings(models, args.embeddings))}")
     result = generate(

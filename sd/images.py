@@ -48,11 +48,6 @@ def default_size(image: Image.Image, native: int) -> tuple[int, int]:
     at the model's size, and a photo's size would not fit in memory."""
     scale = min(1.0, native / (image.width * image.height) ** 0.5)
     width, height = int(image.width * scale), int(image.height * scale)
-    if scale < 1:
-        print(
-            f"note: the init image is {image.width}x{image.height}; drawing at {width - width % 8}x"
-            f"{height - height % 8}, about the model's {native}x{native} (pass -W/-H for another size)"
-        )
     return width - width % 8, height - height % 8
 
 

@@ -169,6 +169,12 @@ def from_diffusers_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """A diffusers UNet2DConditionModel state dict -> our UNet's names (`input_blocks`, `output_blocks`, ...)."""
     levels, res = len(indices(state, "down_blocks.")), len(indices(state, "down_blocks.0.resnets."))
     attention = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in state) for i in range(levels)]
+    return _rename(state, unet_prefixes(levels, res, attention), "UNet")
+
+
+def unet_prefixes(levels: int, res: int, attention: list[bool]) -> list[tuple[str, str, dict | None]]:
+    """(diffusers prefix, our prefix, leaf renames or None) for a UNet of `levels` levels with `res` ResNet blocks
+    each and attention at the levels marked True: the whole correspondence of the two module trees."""
     pairs = [
         ("conv_in.", "input_blocks.0.0.", None),
         ("time_embedding.linear_1.", "time_embed.0.", None),
@@ -199,7 +205,7 @@ def from_diffusers_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             ]
         upsample_slot = 2 if attention[levels - 1 - i] else 1
         pairs.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{first + res}.{upsample_slot}.conv.", None))
-    return _rename(state, pairs, "UNet")
+    return pairs
 
 
 def from_diffusers_vae(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -56,6 +56,7 @@ class Models:
     image_size: int = 512  # the side the model was trained at, which the demo draws by default
     command: str = ""  # the sd.train command(s) that made one of our native files, from its metadata
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # textual inversion: trigger -> [n, width]
+    loras: list = field(default_factory=list)  # the LoRAs applied (sd/lora.py), in the order they were loaded
 
     def named(self) -> dict[str, torch.nn.Module]:
         return {"clip": self.clip, "encoder": self.encoder, "decoder": self.decoder, "diffusion": self.diffusion}

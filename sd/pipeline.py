@@ -239,6 +239,12 @@ def starting_image(
     check_size(8 if width is None else width, 8 if height is None else height)  # before opening the image
     image = open_image(init_image)
     own_width, own_height = default_size(image, native)
+    scaled = (own_width, own_height) != (image.width - image.width % 8, image.height - image.height % 8)
+    if scaled and (width is None or height is None):
+        print(
+            f"note: the init image is {image.width}x{image.height}; drawing at {own_width}x{own_height}, about the "
+            f"model's {native}x{native} (pass -W/-H for another size)"
+        )
     width, height = own_width if width is None else width, own_height if height is None else height
     return image_to_tensor(image, width, height), width, height
 

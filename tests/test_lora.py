@@ -1,0 +1,163 @@
+"""LoRA files applied to our networks give diffusers' outputs after its load_lora_weights (and fuse_lora), merged
+and at runtime alike, and come off again bit for bit."""
+
+import pytest
+import torch
+from reference import assert_close, diffusers_pipelines, ldm_key_shapes, our_models, random_checkpoint
+from safetensors.torch import save_file
+from torch import nn
+
+from sd.autoencoder import VAEConfig
+from sd.clip import CLIPConfig
+from sd.diffusion import UNetConfig
+from sd.lora import diffusers_path, load_lora
+from sd.model_converter import unet_prefixes
+from sd.models import CheckpointError
+
+CFGS = CLIPConfig.tiny(), VAEConfig.tiny(), UNetConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return random_checkpoint(ldm_key_shapes(*CFGS), seed=31)
+
+
+def copied(checkpoint: dict) -> dict:
+    """Both sides adopt the checkpoint's tensors; merging a LoRA changes them in place, so each gets its own."""
+    return {key: tensor.clone() for key, tensor in checkpoint.items()}
+
+
+@pytest.fixture
+def models(checkpoint):
+    return our_models(copied(checkpoint), *CFGS)
+
+
+def kohya_lora(models, rank: int, with_alpha: bool, seed: int, ldm_names: bool = False) -> dict[str, torch.Tensor]:
+    """A random kohya-format LoRA over every attention, feed-forward and projection layer, the ResNet convolutions
+    (LoCon: 3x3 down, 1x1 up) and time projections of the UNet, and CLIP's attention and MLP layers."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = models.diffusion.cfg
+    pairs = unet_prefixes(len(cfg.channel_mult), cfg.num_res_blocks, list(cfg.attention_levels))
+    state = {}
+
+    def add(name: str, module: nn.Module) -> None:
+        weight = module.weight
+        down_shape = (rank, *weight.shape[1:]) if weight.ndim == 4 else (rank, weight.shape[1])
+        up_shape = (weight.shape[0], rank, 1, 1) if weight.ndim == 4 else (weight.shape[0], rank)
+        state[f"{name}.lora_down.weight"] = torch.randn(down_shape, generator=gen) * 0.1
+        state[f"{name}.lora_up.weight"] = torch.randn(up_shape, generator=gen) * 0.1
+        if with_alpha:
+            state[f"{name}.alpha"] = torch.tensor(rank / 2)
+
+    for path, module in models.diffusion.named_modules():
+        wanted = any(
+            p in path
+            for p in ("attn1.", "attn2.", ".ff.", "proj_in", "proj_out", "in_layers.2", "out_layers.3", "emb_layers.1")
+        )
+        if wanted and isinstance(module, (nn.Linear, nn.Conv2d)):
+            add("lora_unet_" + (path if ldm_names else diffusers_path(path, pairs)).replace(".", "_"), module)
+    for path, module in models.clip.named_modules():
+        if isinstance(module, nn.Linear) and ("self_attn." in path or ".mlp." in path):
+            add("lora_te_text_model_" + path.replace(".", "_"), module)
+    return state
+
+
+def outputs(unet, clip, tokens, x, t, context) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {"unet": unet(x, t, context), "clip": clip(tokens)}
+
+
+def inputs(models):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 77, CFGS[0].width, generator=gen)
+    return models.tokenizer(["a red circle", "a blue square"]), x, torch.tensor([500, 20]), context
+
+
+@pytest.mark.parametrize("rank, with_alpha", [(4, True), (8, False)], ids=["rank4-alpha", "rank8-no-alpha"])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_a_kohya_lora_gives_diffusers_outputs(checkpoint, models, tmp_path, rank, with_alpha, strength):
+    state = kohya_lora(models, rank, with_alpha, seed=rank)
+    save_file(state, tmp_path / "lora.safetensors")
+    pipeline, _ = diffusers_pipelines(copied(checkpoint), *CFGS, tmp_path / "diffusers")
+    pipeline.load_lora_weights(dict(state))
+    pipeline.fuse_lora(lora_scale=strength)
+    tokens, x, t, context = inputs(models)
+    with torch.no_grad():
+        theirs = {
+            "unet": pipeline.unet(x, t, encoder_hidden_states=context).sample,
+            "clip": pipeline.text_encoder(tokens).last_hidden_state,
+        }
+    before = {name: tensor.clone() for name, tensor in models.diffusion.state_dict().items()}
+    base = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    merged = load_lora(models, tmp_path / "lora.safetensors", strength=strength)
+    assert not merged.skipped, merged.skipped
+    ours = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    for name in ours:
+        change = (ours[name] - base[name]).abs().max() / base[name].abs().max()
+        assert change > 0.05, f"the LoRA moved the {name} output by {change:.1%} only: too weak to test"
+        assert_close(ours[name], theirs[name], f"{name} with a rank-{rank} LoRA at strength {strength}")
+    merged.remove()
+    changed = [k for k, v in models.diffusion.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, f"weights not restored bit for bit after remove(): {changed[:5]}"
+
+    runtime = load_lora(models, tmp_path / "lora.safetensors", strength=strength, mode="runtime")
+    for name, out in outputs(models.diffusion, models.clip, tokens, x, t, context).items():
+        assert_close(out, ours[name], f"{name}: runtime against merged", rtol=1e-5)
+    runtime.remove()
+
+
+def test_ldm_style_kohya_names_are_the_same_layers(models, tmp_path):
+    tokens, x, t, context = inputs(models)
+    results = []
+    for ldm in (False, True):
+        save_file(kohya_lora(models, 4, True, seed=1, ldm_names=ldm), tmp_path / f"{ldm}.safetensors")
+        lora = load_lora(models, tmp_path / f"{ldm}.safetensors")
+        results.append(outputs(models.diffusion, models.clip, tokens, x, t, context)["unet"])
+        lora.remove()
+    assert torch.equal(*results)
+
+
+def test_runtime_strength_changes_between_calls_and_zero_is_the_base(models, tmp_path):
+    save_file(kohya_lora(models, 4, True, seed=2), tmp_path / "lora.safetensors")
+    tokens, x, t, context = inputs(models)
+    base = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    lora = load_lora(models, tmp_path / "lora.safetensors", mode="runtime")
+    full = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    lora.set_strength(0.0)
+    zero = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    assert not torch.allclose(full["unet"], base["unet"]) and torch.equal(zero["unet"], base["unet"])
+    lora.remove()
+
+
+def test_unknown_keys_are_reported_and_lycoris_and_sdxl_are_refused(models, tmp_path):
+    state = kohya_lora(models, 4, True, seed=3)
+    state["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(4, 8)
+    state["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(8, 4)
+    save_file(state, tmp_path / "extra.safetensors")
+    lora = load_lora(models, tmp_path / "extra.safetensors")
+    assert lora.skipped == dict.fromkeys(
+        ["lora_unet_no_such_layer.lora_down.weight", "lora_unet_no_such_layer.lora_up.weight"],
+        "no SD v1 layer of that name",
+    )
+    lora.remove()
+    save_file({"lora_unet_a.hada_w1_a": torch.zeros(2, 2)}, tmp_path / "loha.safetensors")
+    with pytest.raises(CheckpointError, match="a LyCORIS LoHa file"):
+        load_lora(models, tmp_path / "loha.safetensors")
+    save_file({"lora_te2_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "sdxl.safetensors")
+    with pytest.raises(CheckpointError, match="an SDXL LoRA"):
+        load_lora(models, tmp_path / "sdxl.safetensors")
+
+
+def test_the_cli_applies_loras_with_strengths(checkpoint, models, tmp_path, capsys):
+    from sd.cli import main
+
+    save_file(copied(checkpoint), tmp_path / "tiny.safetensors")
+    save_file(kohya_lora(models, 4, True, seed=5), tmp_path / "style.safetensors")
+    argv = ["a cat", "--ckpt", str(tmp_path / "tiny.safetensors"), "-W", "32", "-H", "32", "--steps", "2"]
+    argv += ["--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--seed", "7", "--outdir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    layers = len(kohya_lora(models, 4, True, seed=5)) // 3  # down, up, alpha
+    assert f"LoRA style.safetensors at 0.5: {layers} layers\n" in capsys.readouterr().out
+    assert main([*argv[:-2], "--lora", str(tmp_path / "missing.safetensors"), "--outdir", str(tmp_path / "o2")]) == 2
+    assert "--lora" in capsys.readouterr().err and not (tmp_path / "o2").exists()
