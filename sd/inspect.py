@@ -1,15 +1,19 @@
-"""`python -m sd.inspect [CHECKPOINT] [--depth N]`: the networks' module trees with parameter counts.
+"""`python -m sd.inspect [CHECKPOINT] [--depth N] [--lora FILE]`: the networks' module trees with parameter counts,
+or which layers a LoRA changes and by how much.
 
 Without a checkpoint it describes SD v1.5's configuration, built on the meta device (no memory, no weights).
 """
 
 import argparse
 import sys
+from collections import Counter
 
 import torch
 
+from sd.lora import read_lora
 from sd.model_loader import load_models
-from sd.models import SD_V1_CONFIGS, CheckpointError, networks
+from sd.models import SD_V1_CONFIGS, CheckpointError, Models, networks
+from sd.tokenizer import default_tokenizer
 
 
 def count(module: torch.nn.Module) -> int:
@@ -37,26 +41,52 @@ def report(nets: dict[str, torch.nn.Module], title: str, max_depth: int) -> str:
     return "\n".join(lines)
 
 
+def lora_report(models: Models, path: str) -> str:
+    """The layers a LoRA changes, most changed first: rank, alpha / rank, |dW| (Frobenius, at strength 1) and,
+    where the model's weights are loaded, |dW| / |W|."""
+    layers, skipped = read_lora(models, path)
+    real = not models.diffusion.out[2].weight.is_meta
+    rows = []
+    for layer in layers:
+        change = (layer.scale * layer.delta()).norm().item()
+        relative = change / layer.module.weight.float().norm().item() if real else None
+        rows.append((layer, change, relative))
+    rows.sort(key=lambda row: -(row[2] if real else row[1]))
+    counts = Counter(layer.network for layer in layers)
+    lines = [f"{path}: {len(layers)} layers ({', '.join(f'{name} {n}' for name, n in counts.items())})"]
+    if skipped:
+        reasons = Counter(skipped.values())
+        lines.append(f"  {len(skipped)} keys skipped: " + "; ".join(f"{n} {why}" for why, n in reasons.items()))
+    lines += ["", f"{'layer':<62} {'rank':>4} {'alpha/rank':>10} {'|dW|':>9} {'|dW|/|W|':>9}"]
+    for layer, change, relative in rows:
+        name = f"{layer.network}.{layer.path}"
+        ratio = f"{relative:9.2%}" if relative is not None else ""
+        lines.append(f"{name:<62} {layer.down.shape[0]:>4} {layer.scale:>10.3g} {change:>9.3g} {ratio}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", help="an SD v1.x checkpoint; default: SD v1.5's configuration")
     parser.add_argument("--depth", type=int, default=2, help="levels of the module tree to show (default 2)")
+    parser.add_argument("--lora", help="a LoRA file: list the layers it changes (relative to CHECKPOINT's weights)")
     args = parser.parse_args(argv)
 
-    if args.checkpoint is None:
-        with torch.device("meta"):
-            nets = networks(SD_V1_CONFIGS)
-        title = "SD v1.5 configuration (built on the meta device: no weights loaded)"
-    else:
-        try:
+    try:
+        if args.checkpoint is None:
+            with torch.device("meta"):
+                nets = networks(SD_V1_CONFIGS)
+            models = Models(default_tokenizer(), **nets, source="SD v1.5 configuration", format="meta")
+            title = "SD v1.5 configuration (built on the meta device: no weights loaded)"
+        else:
             models = load_models(args.checkpoint)
-        except CheckpointError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        nets = models.named()
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for n in nets.values() for p in n.parameters()})
-        title = f"{args.checkpoint} ({', '.join(dtypes)} weights)"
-    print(report(nets, title, args.depth))
+            nets = models.named()
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for n in nets.values() for p in n.parameters()})
+            title = f"{args.checkpoint} ({', '.join(dtypes)} weights)"
+        print(lora_report(models, args.lora) if args.lora else report(nets, title, args.depth))
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -76,6 +76,7 @@ def diffusers_path(path: str, pairs: list[tuple[str, str, dict | None]]) -> str:
 @dataclass
 class Layer:
     network: str  # "diffusion" or "clip"
+    path: str  # the module's name in its network
     module: nn.Module
     down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
     up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
@@ -161,6 +162,18 @@ def load_lora(
     "runtime" (added at each call)."""
     if mode not in ("merge", "runtime"):
         raise ValueError(f"mode must be 'merge' or 'runtime', got {mode!r}")
+    layers, skipped = read_lora(models, path)
+    lora = LoRA(models, layers, mode, strength, strength if te_strength is None else te_strength, skipped)
+    if mode == "merge":
+        lora.merge()
+    else:
+        lora.attach()
+    models.loras.append(lora)
+    return lora
+
+
+def read_lora(models: Models, path: str | Path) -> tuple[list[Layer], dict[str, str]]:
+    """The layers a LoRA file changes in `models`, and the file's keys it could not place (key -> why)."""
     state, _ = read_checkpoint(path)
     for marker, kind in NOT_LORA.items():
         if any(marker in key for key in state):
@@ -186,16 +199,10 @@ def load_lora(
             skipped |= dict.fromkeys(parts["keys"], f"shapes {tuple(down.shape)}, {tuple(up.shape)} do not fit")
             continue
         alpha = float(parts["alpha"]) if "alpha" in parts else 0.0
-        layers.append(Layer(network, module, down, up, alpha / rank if alpha else 1.0))
+        layers.append(Layer(network, module_path, module, down, up, alpha / rank if alpha else 1.0))
     if not layers:
         raise CheckpointError(f"{path}: no key of this file names an SD v1 layer ({len(skipped)} keys)")
-    lora = LoRA(models, layers, mode, strength, strength if te_strength is None else te_strength, skipped)
-    if mode == "merge":
-        lora.merge()
-    else:
-        lora.attach()
-    models.loras.append(lora)
-    return lora
+    return layers, skipped
 
 
 def group_keys(state: dict) -> tuple[dict[str, dict], dict[str, str]]:

@@ -161,3 +161,16 @@ def test_the_cli_applies_loras_with_strengths(checkpoint, models, tmp_path, caps
     assert f"LoRA style.safetensors at 0.5: {layers} layers\n" in capsys.readouterr().out
     assert main([*argv[:-2], "--lora", str(tmp_path / "missing.safetensors"), "--outdir", str(tmp_path / "o2")]) == 2
     assert "--lora" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_inspect_lists_the_layers_a_lora_changes_most_first(checkpoint, models, tmp_path, capsys):
+    from sd.inspect import main
+
+    save_file(copied(checkpoint), tmp_path / "tiny.safetensors")
+    state = kohya_lora(models, 4, True, seed=6)
+    save_file(state, tmp_path / "style.safetensors")
+    assert main([str(tmp_path / "tiny.safetensors"), "--lora", str(tmp_path / "style.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(state) // 3} layers" in out and "diffusion.input_blocks.1.1.transformer_blocks.0.attn1.to_q" in out
+    ratios = [float(line.split()[-1].rstrip("%")) for line in out.splitlines() if line.endswith("%")]
+    assert len(ratios) == len(state) // 3 and ratios == sorted(ratios, reverse=True), ratios[:5]
