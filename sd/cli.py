@@ -18,7 +18,7 @@ from sd.attention import set_attention_chunk
 from sd.embeddings import load_embeddings
 from sd.files import remove_stale_temporaries, temporary_path
 from sd.images import check_size, default_size, open_image
-from sd.lora import load_lora
+from sd.lora import find_lora, load_lora, lora_tags
 from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
 from sd.models import CheckpointError
@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE[:STRENGTH]",
         help="apply a LoRA (kohya/A1111 or diffusers file), at STRENGTH (default 1); repeatable",
     )
+    p.add_argument("--lora-dir", type=Path, help="where the prompt's <lora:NAME:STRENGTH> tags find NAME.safetensors")
     p.add_argument(
         "--embeddings", type=Path, help="a textual-inversion file, or a folder of them: each file's name triggers it"
     )
@@ -161,6 +162,8 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
             check_readable(flag, path)
     for path, _ in args.loras:
         check_readable("--lora", path)
+    for name, _, _ in lora_tags(args.prompt)[1]:
+        check_readable("--lora-dir", find_lora(args.lora_dir, name))
     return None if args.init_image is None else open_image(args.init_image)
 
 
@@ -341,6 +344,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         pad_prompts=args.pad_prompts,
+        lora_dir=args.lora_dir,
         device=device,
         vae_tile=args.tile_vae,
     )

@@ -17,6 +17,8 @@ import torch
 from sd.models import Models
 from sd.prompts import encode_prompt, schedule, split_and
 
+# generate() takes a prompt's <lora:...> tags out first (sd/lora.py); these are the ones left: a negative prompt's
+# and the kinds sd does not read
 EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>")
 
 

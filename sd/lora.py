@@ -12,6 +12,8 @@ path>` (dots as underscores), `lora_te_text_model_<path>`, and diffusers' / PEFT
 `text_encoder.<path>`. Every key of a file is used or reported with the reason it was skipped.
 """
 
+import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,3 +223,52 @@ def group_keys(state: dict) -> tuple[dict[str, dict], dict[str, str]]:
         group[part] = tensor
         group["keys"].append(key)
     return groups, skipped
+
+
+# -- A1111's prompt tags ----------------------------------------------------------------------------------------------
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """A prompt without its `<lora:NAME[:TE[:UNET]]>` tags (A1111's: one number is both strengths, `te=`/`unet=`
+    name them), and the tags as (name, text-encoder strength, UNet strength)."""
+    tags = []
+    for match in LORA_TAG.finditer(prompt):
+        te = unet = None
+        positional = []
+        for item in match.group(2).split(":")[1:]:
+            key, _, value = item.rpartition("=")
+            if key in ("te", "unet"):
+                te, unet = (float(value), unet) if key == "te" else (te, float(value))
+            else:
+                positional.append(float(item))
+        te = positional[0] if positional and te is None else 1.0 if te is None else te
+        unet = positional[1] if len(positional) > 1 and unet is None else te if unet is None else unet
+        tags.append((match.group(1), te, unet))
+    return LORA_TAG.sub("", prompt), tags
+
+
+def find_lora(folder: str | Path | None, name: str) -> Path:
+    """A tag's file: NAME.safetensors (or .pt, .ckpt) in `folder`."""
+    if folder is None:
+        raise ValueError(f"the prompt names <lora:{name}>: pass the folder of LoRA files (--lora-dir / lora_dir=)")
+    path = next((Path(folder) / (name + s) for s in LORA_SUFFIXES if (Path(folder) / (name + s)).is_file()), None)
+    if path is None:
+        raise ValueError(f"<lora:{name}>: no {name}.safetensors (.pt, .ckpt) in {folder}")
+    return path
+
+
+@contextlib.contextmanager
+def prompt_loras(models: Models, tags: list[tuple[str, float, float]], folder: str | Path | None):
+    """The tagged LoRAs merged into `models` for the block's duration, then removed (also after an error)."""
+    files = [(find_lora(folder, name), te, unet) for name, te, unet in tags]
+    loaded = []
+    try:
+        for path, te, unet in files:
+            loaded.append(load_lora(models, path, strength=unet, te_strength=te))
+        yield loaded
+    finally:
+        for lora in reversed(loaded):
+            lora.remove()

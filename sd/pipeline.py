@@ -27,6 +27,7 @@ from tqdm import tqdm
 from sd.autoencoder import sample_posterior
 from sd.guidance import Guidance
 from sd.images import check_size, default_size, image_to_tensor, open_image, to_pil
+from sd.lora import lora_tags, prompt_loras
 from sd.model_loader import load_models
 from sd.models import Models, check_device
 from sd.prompts import EMPHASIS
@@ -93,6 +94,7 @@ def generate(
     vae_tile: int | None = None,
     emphasis: str = "original",
     pad_prompts: bool = False,
+    lora_dir: str | Path | None = None,
 ) -> Generated:
     """Images for a prompt (or a list of prompts, `batch_size` images each).
 
@@ -107,7 +109,8 @@ def generate(
     memory) is moved there for its turn only. vae_tile: encode and decode in overlapping tiles of this many pixels.
     Prompts follow A1111's syntax (sd/prompts.py); emphasis: how weights apply, "original" (A1111's default),
     "no_norm" or "none" (brackets are text); pad_prompts: a prompt and negative prompt of different lengths padded
-    to one (A1111's pad_cond_uncond: one UNet call, other numbers) instead of taking a call each.
+    to one (A1111's pad_cond_uncond: one UNet call, other numbers) instead of taking a call each. lora_dir: where
+    the prompt's `<lora:NAME:STRENGTH>` tags find NAME.safetensors; those LoRAs apply to this generation only.
     """
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     negatives = (
@@ -124,20 +127,22 @@ def generate(
     start = 0 if image is None else first_step(steps, strength)
     sampler.set_steps(steps, start)
 
-    with placed(models.clip, device):
-        guidance = Guidance.build(
-            models, prompts, negatives, batch_size, steps, cfg_scale, clip_skip, emphasis, pad_prompts
-        )
-    if image is None:
-        x = initial_noise(models, sampler, total, width, height, latents, generator, device)
-    else:
-        with placed(models.encoder, device):
-            x = noised_image(models, sampler, image.to(device, models.dtype), total, start, generator, vae_tile)
-    if image is not None and start == steps and strength > 0:
-        message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
-        warnings.warn(message + " (raise the strength or the steps)", stacklevel=2)
-    with placed(models.diffusion, device):
-        x = denoise(models.diffusion, sampler, x, guidance, generator, start, progress)
+    untagged, tags = zip(*(lora_tags(prompt) for prompt in prompts))
+    with prompt_loras(models, [tag for found in tags for tag in found], lora_dir):
+        with placed(models.clip, device):
+            guidance = Guidance.build(
+                models, list(untagged), negatives, batch_size, steps, cfg_scale, clip_skip, emphasis, pad_prompts
+            )
+        if image is None:
+            x = initial_noise(models, sampler, total, width, height, latents, generator, device)
+        else:
+            with placed(models.encoder, device):
+                x = noised_image(models, sampler, image.to(device, models.dtype), total, start, generator, vae_tile)
+        if image is not None and start == steps and strength > 0:
+            message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
+            warnings.warn(message + " (raise the strength or the steps)", stacklevel=3)
+        with placed(models.diffusion, device):
+            x = denoise(models.diffusion, sampler, x, guidance, generator, start, progress)
     check_finite(x, "the UNet")
 
     parameters = Parameters(
@@ -223,6 +228,7 @@ ARGUMENT_TYPES = {
     "vae_tile": (Int, NoneType),
     "emphasis": (str,),
     "pad_prompts": (bool,),
+    "lora_dir": (str, Path, NoneType),
 }
 TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None"}
 

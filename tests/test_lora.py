@@ -174,3 +174,42 @@ def test_inspect_lists_the_layers_a_lora_changes_most_first(checkpoint, models, 
     assert f"{len(state) // 3} layers" in out and "diffusion.input_blocks.1.1.transformer_blocks.0.attn1.to_q" in out
     ratios = [float(line.split()[-1].rstrip("%")) for line in out.splitlines() if line.endswith("%")]
     assert len(ratios) == len(state) // 3 and ratios == sorted(ratios, reverse=True), ratios[:5]
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("a cat <lora:style:0.7>", ("a cat ", [("style", 0.7, 0.7)])),
+        ("<lora:style> a cat", (" a cat", [("style", 1.0, 1.0)])),
+        ("a cat <lora:style:0.5:0.9>", ("a cat ", [("style", 0.5, 0.9)])),  # A1111: te, then unet
+        ("a cat <lora:style:unet=0.3>", ("a cat ", [("style", 1.0, 0.3)])),
+        ("<lora:a:1><lora:b:0.2> x", (" x", [("a", 1.0, 1.0), ("b", 0.2, 0.2)])),
+    ],
+)
+def test_a1111_lora_tags_are_read_and_taken_out_of_the_prompt(prompt, expected):
+    from sd.lora import lora_tags
+
+    assert lora_tags(prompt) == expected
+
+
+def test_a_tagged_lora_applies_to_its_generation_only(checkpoint, models, tmp_path):
+    from sd.pipeline import generate
+
+    save_file(kohya_lora(models, 4, True, seed=8), tmp_path / "style.safetensors")
+    weights = {k: v.clone() for k, v in models.diffusion.state_dict().items()}
+
+    def run(prompt: str, **kwargs) -> torch.Tensor:
+        out = generate(
+            prompt, models, steps=2, seed=1, width=32, height=32, output_type="latent", progress=False, **kwargs
+        )
+        return out.images
+
+    plain = run("a cat")
+    tagged = run("a cat <lora:style:0.8>", lora_dir=tmp_path)
+    lora = load_lora(models, tmp_path / "style.safetensors", strength=0.8)
+    assert torch.equal(tagged, run("a cat")), "the tag equals the LoRA loaded by hand at 0.8"
+    lora.remove()
+    assert not torch.equal(tagged, plain) and not models.loras
+    assert all(torch.equal(v, weights[k]) for k, v in models.diffusion.state_dict().items())
+    with pytest.raises(ValueError, match="<lora:nothing>: no nothing.safetensors"):
+        run("a cat <lora:nothing>", lora_dir=tmp_path)
