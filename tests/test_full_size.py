@@ -3,6 +3,8 @@ each at a small size, then text-to-image and image-to-image with every sampler a
 and width are proven on every run within a couple of minutes."""
 
 import gc
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from reference import (
     reference_unet,
     reference_vae,
 )
+from safetensors.torch import save_file
 
 from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
@@ -117,3 +120,32 @@ def test_full_size_text_to_image_and_image_to_image_match_diffusers(checkpoint, 
             **their_kwargs,
         ).images
         assert_close(ours.images, expected, f"full-size {what} with {name}")
+
+
+@torch.no_grad()
+def test_full_size_lora_gives_diffusers_outputs_and_comes_off_bit_for_bit(ours, pipelines):
+    from test_lora import kohya_lora
+
+    from sd.lora import load_lora
+    from sd.models import Models
+    from sd.tokenizer import default_tokenizer
+
+    models = Models(default_tokenizer(), **ours, source="memory", format="single-file")
+    state = kohya_lora(models, 4, True, seed=9)
+    latents, context = inputs(2, (1, 4, 16, 16), (1, 77, 768))
+    timesteps = torch.tensor([500])
+    pipeline = pipelines[0]
+    pipeline.load_lora_weights(dict(state))  # PEFT layers beside the weights, which stay as they are
+    try:
+        expected = pipeline.unet(latents, timesteps, encoder_hidden_states=context).sample
+    finally:
+        pipeline.unload_lora_weights()
+    path = Path(tempfile.mkdtemp()) / "lora.safetensors"
+    save_file(state, path)
+    before = {k: v.clone() for k, v in models.diffusion.state_dict().items() if "transformer_blocks.0.attn" in k}
+    lora = load_lora(models, path)
+    assert not lora.skipped, list(lora.skipped)[:5]
+    assert_close(models.diffusion(latents, timesteps, context), expected, "full-size UNet with a LoRA")
+    lora.remove()
+    changed = [k for k, v in before.items() if not torch.equal(v, models.diffusion.state_dict()[k])]
+    assert not changed, changed[:5]
