@@ -213,3 +213,27 @@ def test_a_tagged_lora_applies_to_its_generation_only(checkpoint, models, tmp_pa
     assert all(torch.equal(v, weights[k]) for k, v in models.diffusion.state_dict().items())
     with pytest.raises(ValueError, match="<lora:nothing>: no nothing.safetensors"):
         run("a cat <lora:nothing>", lora_dir=tmp_path)
+
+
+def test_a_lora_diffusers_saved_gives_the_same_outputs(checkpoint, models, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    state = kohya_lora(models, 4, False, seed=10)
+    pipeline, _ = diffusers_pipelines(copied(checkpoint), *CFGS, tmp_path / "diffusers")
+    pipeline.load_lora_weights(dict(state))
+    tokens, x, t, context = inputs(models)
+    with torch.no_grad():
+        theirs = {
+            "unet": pipeline.unet(x, t, encoder_hidden_states=context).sample,
+            "clip": pipeline.text_encoder(tokens).last_hidden_state,
+        }
+    type(pipeline).save_lora_weights(
+        tmp_path / "saved",
+        unet_lora_layers=get_peft_model_state_dict(pipeline.unet, adapter_name="default_0"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipeline.text_encoder, adapter_name="default_0"),
+    )
+    (saved,) = (tmp_path / "saved").glob("*.safetensors")
+    lora = load_lora(models, saved)
+    assert not lora.skipped and len(lora.layers) == len(state) // 2, (list(lora.skipped)[:3], len(lora.layers))
+    for name, out in outputs(models.diffusion, models.clip, tokens, x, t, context).items():
+        assert_close(out, theirs[name], f"{name} with a LoRA in diffusers' own file layout")
