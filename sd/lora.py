@@ -90,7 +90,7 @@ class Layer:
         return (up @ down).reshape(self.module.weight.shape)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: models.loras holds each once
 class LoRA:
     """A loaded LoRA: `remove()` takes it out again; in runtime mode `set_strength` changes it between calls."""
 

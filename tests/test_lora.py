@@ -237,3 +237,18 @@ def test_a_lora_diffusers_saved_gives_the_same_outputs(checkpoint, models, tmp_p
     assert not lora.skipped and len(lora.layers) == len(state) // 2, (list(lora.skipped)[:3], len(lora.layers))
     for name, out in outputs(models.diffusion, models.clip, tokens, x, t, context).items():
         assert_close(out, theirs[name], f"{name} with a LoRA in diffusers' own file layout")
+
+
+def test_several_loras_add_up_and_merged_ones_come_off_in_reverse_order(models, tmp_path):
+    tokens, x, t, context = inputs(models)
+    base = outputs(models.diffusion, models.clip, tokens, x, t, context)["unet"]
+    for seed in (11, 12):
+        save_file(kohya_lora(models, 4, True, seed=seed), tmp_path / f"{seed}.safetensors")
+    first = load_lora(models, tmp_path / "11.safetensors")
+    second = load_lora(models, tmp_path / "12.safetensors", mode="runtime")
+    third = load_lora(models, tmp_path / "12.safetensors")
+    with pytest.raises(ValueError, match="reverse order"):
+        first.remove()
+    for lora in (third, second, first):
+        lora.remove()
+    assert not models.loras and torch.equal(outputs(models.diffusion, models.clip, tokens, x, t, context)["unet"], base)
