@@ -2,7 +2,7 @@
 the files people share, applied and removed.
 
     lora = load_lora(models, "style.safetensors", strength=0.8)   # merged into the weights (the default)
-    lora.remove()                                                 # the original weights back, bit for bit
+    lora.remove()                                                 # the original weights back: the same tensors
     lora = load_lora(models, path, mode="runtime")                # added on the fly; the weights stay untouched
     lora.set_strength(0.5)
 
@@ -100,18 +100,21 @@ class LoRA:
     strength: float
     te_strength: float
     skipped: dict[str, str] = field(default_factory=dict)  # file keys not used -> why
-    originals: list[torch.Tensor] = field(default_factory=list)
+    originals: list[nn.Parameter] = field(default_factory=list)  # merged: the weights as they were
     hooks: list = field(default_factory=list)
 
     def factor(self, layer: Layer) -> float:
         return layer.scale * (self.te_strength if layer.network == "clip" else self.strength)
 
     def merge(self) -> None:
+        """Each layer gets a new weight W + dW; the original Parameter is kept as it is, to be put back."""
         with torch.no_grad():
             for layer in self.layers:
                 weight = layer.module.weight
-                self.originals.append(weight.detach().clone())
-                weight += (self.factor(layer) * layer.delta()).to(weight)
+                self.originals.append(weight)
+                up, down = layer.up.flatten(1).float(), layer.down.flatten(1).float()
+                merged = torch.addmm(weight.float().flatten(1), up, down, alpha=self.factor(layer))
+                layer.module.weight = nn.Parameter(merged.view(weight.shape).to(weight), weight.requires_grad)
 
     def attach(self) -> None:
         for layer in self.layers:
@@ -144,9 +147,8 @@ class LoRA:
             later = self.models.loras[self.models.loras.index(self) + 1 :]
             if any(lora.mode == "merge" for lora in later):
                 raise ValueError("remove merged LoRAs in the reverse order of loading")
-            with torch.no_grad():
-                for layer, original in zip(self.layers, self.originals):
-                    layer.module.weight.copy_(original)
+            for layer, original in zip(self.layers, self.originals):
+                layer.module.weight = original
         for hook in self.hooks:
             hook.remove()
         self.models.loras.remove(self)
