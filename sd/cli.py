@@ -259,6 +259,7 @@ def infotext(parameters: Parameters, index: int, model: str, hash_: str) -> str:
         "Eta": p.eta or None,
         "Batch size": per_prompt if per_prompt > 1 else None,
         "Batch pos": index % per_prompt if per_prompt > 1 else None,
+        "Lora hashes": '"' + ", ".join(f"{n}: {h}" for n, h in p.lora_hashes.items()) + '"' if p.lora_hashes else None,
     }
     lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
     text = "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])

@@ -13,6 +13,7 @@ path>` (dots as underscores), `lora_te_text_model_<path>`, and diffusers' / PEFT
 """
 
 import contextlib
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,15 +263,28 @@ def find_lora(folder: str | Path | None, name: str) -> Path:
     return path
 
 
+def lora_hash(path: Path) -> str:
+    """A1111's "Lora hashes" entry: the first 12 hex digits of the sha256 of a .safetensors file's tensor bytes (its
+    header skipped: kohya's "addnet" hash, unchanged by edited metadata), or of a whole .pt/.ckpt file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 @contextlib.contextmanager
 def prompt_loras(models: Models, tags: list[tuple[str, float, float]], folder: str | Path | None):
-    """The tagged LoRAs merged into `models` for the block's duration, then removed (also after an error)."""
-    files = [(find_lora(folder, name), te, unet) for name, te, unet in tags]
+    """The tagged LoRAs merged into `models` for the block's duration, then removed (also after an error); yields
+    {name: A1111's hash} for the PNG's "Lora hashes"."""
+    files = [(name, find_lora(folder, name), te, unet) for name, te, unet in tags]
     loaded = []
     try:
-        for path, te, unet in files:
+        for _, path, te, unet in files:
             loaded.append(load_lora(models, path, strength=unet, te_strength=te))
-        yield loaded
+        yield {name: lora_hash(path) for name, path, _, _ in files}
     finally:
         for lora in reversed(loaded):
             lora.remove()

@@ -17,7 +17,7 @@ import math
 import numbers
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class Parameters:
     clip_skip: int
     batch_size: int  # images per prompt
     strength: float | None = None  # image-to-image only
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # the prompt's <lora:...> tags: name -> A1111's hash
 
 
 @dataclass
@@ -128,7 +129,7 @@ def generate(
     sampler.set_steps(steps, start)
 
     untagged, tags = zip(*(lora_tags(prompt) for prompt in prompts))
-    with prompt_loras(models, [tag for found in tags for tag in found], lora_dir):
+    with prompt_loras(models, [tag for found in tags for tag in found], lora_dir) as lora_hashes:
         with placed(models.clip, device):
             guidance = Guidance.build(
                 models, list(untagged), negatives, batch_size, steps, cfg_scale, clip_skip, emphasis, pad_prompts
@@ -159,6 +160,7 @@ def generate(
         clip_skip=clip_skip,
         batch_size=batch_size,
         strength=None if image is None else strength,
+        lora_hashes=lora_hashes,
     )
     if output_type == "latent":
         return Generated(x, parameters)

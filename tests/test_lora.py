@@ -252,3 +252,22 @@ def test_several_loras_add_up_and_merged_ones_come_off_in_reverse_order(models, 
     for lora in (third, second, first):
         lora.remove()
     assert not models.loras and torch.equal(outputs(models.diffusion, models.clip, tokens, x, t, context)["unet"], base)
+
+
+def test_a_tagged_generation_records_a1111s_lora_hash_in_the_png(checkpoint, models, tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    from sd.cli import main
+
+    save_file(copied(checkpoint), tmp_path / "tiny.safetensors")
+    (tmp_path / "loras").mkdir()
+    save_file(kohya_lora(models, 4, True, seed=13), tmp_path / "loras" / "style.safetensors")
+    data = (tmp_path / "loras" / "style.safetensors").read_bytes()
+    expected = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]  # the header skipped
+    argv = ["a cat <lora:style:0.6>", "--ckpt", str(tmp_path / "tiny.safetensors"), "-W", "32", "-H", "32"]
+    argv += ["--steps", "1", "--seed", "3", "--lora-dir", str(tmp_path / "loras"), "--outdir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    text = Image.open(tmp_path / "out" / "00000-3.png").text["parameters"]
+    assert text.startswith("a cat <lora:style:0.6>\n") and f'Lora hashes: "style: {expected}"' in text, text
