@@ -200,6 +200,10 @@ def read_lora(models: Models, path: str | Path) -> tuple[list[Layer], dict[str, 
         module = networks[network].get_submodule(module_path)
         down, up = parts["down"], parts["up"]
         rank, weight = down.shape[0], module.weight
+        if down.ndim == 4 and weight.ndim == 4 and down.shape[1] < weight.shape[1] == 9:
+            # an ordinary model's conv_in LoRA on the 9-channel inpainting UNet: the mask and masked-image inputs
+            # (channels 4-8) get no update
+            down = torch.cat([down, down.new_zeros(rank, weight.shape[1] - down.shape[1], *down.shape[2:])], dim=1)
         if (up.shape[0], down[0].numel(), up.shape[1]) != (weight.shape[0], weight[0].numel(), rank):
             skipped |= dict.fromkeys(parts["keys"], f"shapes {tuple(down.shape)}, {tuple(up.shape)} do not fit")
             continue

@@ -271,3 +271,25 @@ def test_a_tagged_generation_records_a1111s_lora_hash_in_the_png(checkpoint, mod
     assert main(argv) == 0
     text = Image.open(tmp_path / "out" / "00000-3.png").text["parameters"]
     assert text.startswith("a cat <lora:style:0.6>\n") and f'Lora hashes: "style: {expected}"' in text, text
+
+
+def test_a_conv_in_lora_fits_the_nine_channel_inpainting_unet_zero_padded(tmp_path):
+    unet_cfg = UNetConfig(**{**UNetConfig.tiny().__dict__, "in_channels": 9})
+    models = our_models(
+        random_checkpoint(ldm_key_shapes(CFGS[0], CFGS[1], unet_cfg), seed=14), CFGS[0], CFGS[1], unet_cfg
+    )
+    conv_in = models.diffusion.input_blocks[0][0]
+    down, up = torch.randn(4, 4, 3, 3) * 0.1, torch.randn(conv_in.out_channels, 4, 1, 1) * 0.1
+    save_file(
+        {"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up},
+        tmp_path / "conv_in.safetensors",
+    )
+    before = conv_in.weight.clone()
+    lora = load_lora(models, tmp_path / "conv_in.safetensors")
+    assert not lora.skipped
+    delta = conv_in.weight - before
+    assert torch.equal(delta[:, 4:], torch.zeros_like(delta[:, 4:])), "the mask and masked-image channels changed"
+    expected = (up.flatten(1) @ down.flatten(1)).reshape(conv_in.out_channels, 4, 3, 3)
+    torch.testing.assert_close(delta[:, :4], expected, rtol=1e-5, atol=1e-6)
+    lora.remove()
+    assert torch.equal(conv_in.weight, before)
