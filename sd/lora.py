@@ -13,7 +13,6 @@ path>` (dots as underscores), `lora_te_text_model_<path>`, and diffusers' / PEFT
 """
 
 import contextlib
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd.model_converter import unet_prefixes
-from sd.model_loader import read_checkpoint
+from sd.model_loader import read_checkpoint, sha256
 from sd.models import CheckpointError, Models
 
 # how each format names a layer's down and up matrices and its alpha; the first matching ending wins
@@ -270,13 +269,11 @@ def find_lora(folder: str | Path | None, name: str) -> Path:
 def lora_hash(path: Path) -> str:
     """A1111's "Lora hashes" entry: the first 12 hex digits of the sha256 of a .safetensors file's tensor bytes (its
     header skipped: kohya's "addnet" hash, unchanged by edited metadata), or of a whole .pt/.ckpt file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if path.suffix == ".safetensors":
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    header = 0
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            header = 8 + int.from_bytes(f.read(8), "little")
+    return sha256(path, offset=header)[:12]
 
 
 @contextlib.contextmanager

@@ -377,9 +377,9 @@ def load_component(module: torch.nn.Module, state: dict[str, torch.Tensor], name
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def sha256(path: str | Path) -> str:
-    """Of a file (A1111's "Model hash" is its first 10 hex digits); of a folder, over its files' relative names and
-    contents in sorted order."""
+def sha256(path: str | Path, offset: int = 0) -> str:
+    """Of a file from byte `offset` on (A1111's "Model hash" is the whole file's first 10 hex digits); of a folder,
+    over its files' relative names and contents in sorted order."""
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -387,6 +387,7 @@ def sha256(path: str | Path) -> str:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as f:
+            f.seek(offset)
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -136,7 +136,7 @@ class Alternate:
 class Parser:
     text: str
     pos: int = 0
-    budget: list[int] = field(default_factory=lambda: [100_000])  # steps before a pathological prompt is given up
+    budget: int = 100_000  # attempts before a pathological prompt is given up (and used as text)
 
     def peek(self) -> str:
         return self.text[self.pos : self.pos + 1]
@@ -149,8 +149,8 @@ class Parser:
     def attempt(self, rule):
         """rule() from here, or (None, position unchanged) if it does not match."""
         start = self.pos
-        self.budget[0] -= 1
-        if self.budget[0] < 0:
+        self.budget -= 1
+        if self.budget < 0:
             raise Unparsed
         try:
             return rule()
