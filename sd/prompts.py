@@ -309,9 +309,7 @@ class Chunk:
 
     def split(self, at: int) -> "Chunk":
         """Cuts this chunk at `at` and returns what was after it."""
-        rest = Chunk(
-            self.tokens[at:], self.weights[at:], [(p - at, name) for p, name in self.embeddings if p >= at]
-        )
+        rest = Chunk(self.tokens[at:], self.weights[at:], [(p - at, name) for p, name in self.embeddings if p >= at])
         self.tokens, self.weights = self.tokens[:at], self.weights[:at]
         self.embeddings = [(p, name) for p, name in self.embeddings if p < at]
         return rest

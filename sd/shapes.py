@@ -26,6 +26,8 @@ COLOURS = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Shapes the built-in model never saw in training: what a LoRA can teach it (weights/heart.safetensors)
+UNSEEN_SHAPES = ("heart",)
 SIDES = {"small": 20, "medium": 28, "large": 38}
 PLACES = {
     "top left": (0, 0),
@@ -79,6 +81,11 @@ def outline(shape: str, center: tuple[float, float], side: float) -> list[tuple[
         radii = np.where(np.arange(10) % 2 == 0, r, 0.5 * r)
         offset = r * (1 - np.cos(np.pi / 5)) / 2  # the star is shorter below than above: centre its height
         return [(cx + q * np.cos(a), cy - q * np.sin(a) + offset) for q, a in zip(radii, angles)]
+    if shape == "heart":  # the classic parametric heart, scaled into its box
+        a = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(a) ** 3
+        y = 13 * np.cos(a) - 5 * np.cos(2 * a) - 2 * np.cos(3 * a) - np.cos(4 * a)  # from -17 to 12
+        return [(cx + r * u / 16, cy - r * (v + 2.5) / 14.5) for u, v in zip(x, y)]
     if shape == "cross":
         t = side / 6  # half the arm width: arms a third of the side wide
         return [
@@ -118,10 +125,10 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES) -> Scene:
     colour, background = rng.choice(list(COLOURS), size=2, replace=False)
     return Scene(
-        shape=str(rng.choice(SHAPES)),
+        shape=str(rng.choice(shapes)),
         colour=str(colour),
         background=str(background),
         size=str(rng.choice(list(SIDES))),
@@ -215,15 +222,15 @@ def fit_template(shape: str, mask: np.ndarray) -> np.ndarray:
     return coverage(shape, center, side) > 0.5
 
 
-def judge(image: Image.Image) -> tuple[str, str, np.ndarray]:
+def judge(image: Image.Image, shapes: tuple[str, ...] = SHAPES) -> tuple[str, str, np.ndarray]:
     """(colour name, shape name, foreground mask) of an image of one shape: the colour nearest the foreground's
-    mean, the shape whose fitted template overlaps the foreground most."""
+    mean, the one of `shapes` whose fitted template overlaps the foreground most."""
     mask = foreground(image)
     if mask.sum() < 4:
         return "none", "none", mask
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     colour = nearest_colour(pixels[mask].mean(0))
-    shape = max(SHAPES, key=lambda s: iou(fit_template(s, mask), mask))
+    shape = max(shapes, key=lambda s: iou(fit_template(s, mask), mask))
     return colour, shape, mask
 
 
@@ -343,3 +350,81 @@ def evaluate_recolouring(
         "new colour": float(np.mean(recoloured)),
         "both": float(np.mean(np.logical_and(kept, recoloured))),
     }
+
+
+def unseen_shape_prompts(shape: str) -> list[str]:
+    """16 prompts for a shape: every colour, each on two backgrounds."""
+    return [
+        f"{article(colour)} {colour} {shape} on {article(background)} {background} background"
+        for i, colour in enumerate(NAMES)
+        for background in (NAMES[(i + 1) % len(NAMES)], NAMES[(i + 4) % len(NAMES)])
+    ]
+
+
+def evaluate_unseen_shape(models, shape: str = "heart", seeds=(0, 1), cfg_scale: float = 7.5, **kwargs) -> float:
+    """How often the judge, choosing among every shape it knows (the built-in model's and the unseen ones), reads
+    `shape` in text-to-image generations of unseen_shape_prompts(shape), over `seeds`."""
+    shapes = SHAPES + UNSEEN_SHAPES
+    prompts = unseen_shape_prompts(shape)
+    verdicts = [
+        judge(image, shapes)[1] == shape
+        for seed in seeds
+        for image in draw(models, prompts, cfg_scale=cfg_scale, seed=seed, **kwargs)
+    ]
+    return float(np.mean(verdicts))
+
+
+def inpainting_cases() -> list[tuple[Scene, Scene]]:
+    """40 (scene, addition): a small or medium shape in the left column, every colour with every shape, and a new
+    shape of another colour to paint into the right half, where the scene is empty."""
+    cases, places = [], ("top", "middle", "bottom")
+    for i, colour in enumerate(NAMES):
+        for j, shape in enumerate(SHAPES):
+            background = NAMES[(i + 3) % len(NAMES)]
+            candidates = [c for c in NAMES if c not in (colour, background)]
+            scene = Scene(shape, colour, background, ("small", "medium")[(i + j) % 2], f"{places[(i + j) % 3]} left")
+            new_place = f"{places[(i + 2 * j) % 3]} right"
+            new = Scene(
+                SHAPES[(j + 1 + i % 4) % len(SHAPES)],
+                candidates[(i + j) % len(candidates)],
+                background,
+                "medium",
+                new_place,
+            )
+            cases.append((scene, new))
+    return cases
+
+
+def right_half_mask() -> Image.Image:
+    """White (repaint) over the right half, less a 2-pixel gap from the centre line."""
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, SIZE // 2 + 2 :] = 255
+    return Image.fromarray(mask)
+
+
+def evaluate_inpainting(models, strength: float = 1.0, seed: int = 0, **kwargs) -> dict[str, float]:
+    """Inpainting the right half of each case's scene with its addition's full description: how often the judge
+    reads the addition's colour in the repainted half, and reads the scene's own shape, colour and place (IoU >= 0.8
+    with its rendering) with the repainted half painted over in the background colour."""
+    mask = right_half_mask()
+    inside = np.asarray(mask) > 0
+    painted, kept = [], []
+    for k, (scene, new) in enumerate(inpainting_cases()):
+        source = render(scene)
+        (image,) = generate(
+            describe(new),
+            models,
+            init_image=source,
+            mask=mask,
+            strength=strength,
+            seed=seed + k,
+            progress=False,
+            **kwargs,
+        ).images
+        pixels = np.asarray(image).copy()
+        half = Image.fromarray(pixels[:, SIZE // 2 + 2 :]).resize((SIZE, SIZE), Image.BILINEAR)
+        painted.append(judge(half)[0] == new.colour)
+        pixels[inside] = COLOURS[scene.background]
+        colour, shape, found = judge(Image.fromarray(pixels))
+        kept.append((colour, shape) == (scene.colour, scene.shape) and iou(found, foreground(source)) >= 0.8)
+    return {"new colour": float(np.mean(painted)), "kept": float(np.mean(kept))}

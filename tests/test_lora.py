@@ -293,3 +293,73 @@ def test_a_conv_in_lora_fits_the_nine_channel_inpainting_unet_zero_padded(tmp_pa
     torch.testing.assert_close(delta[:, :4], expected, rtol=1e-5, atol=1e-6)
     lora.remove()
     assert torch.equal(conv_in.weight, before)
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+
+
+def trained_lora(models, path, targets: str) -> None:
+    """A few steps of LoRA training on the tiny models, with text-encoder adapters, exported to `path` (fp32)."""
+    from sd.train import Settings, ShapesData, Trainer
+
+    settings = Settings(steps=4, batch_size=2, lr=3e-2, lora_rank=4, lora_alpha=2, lora_targets=targets)
+    settings.train_text_encoder = True
+    trainer = Trainer(models, settings, ShapesData(), path.parent, torch.device("cpu"))
+    with open(path.parent / "loss.log", "w") as log:
+        trainer.train(log)
+    trainer.use_ema()
+    trainer.adapters.save(path, "test", dtype=torch.float32)
+    trainer.adapters.detach()
+
+
+@pytest.mark.parametrize("targets", ["attn", "attn+ff", "all"])
+def test_a_lora_sd_trains_is_read_by_diffusers_with_the_same_outputs(checkpoint, models, tmp_path, targets):
+    before = {name: tensor.clone() for name, tensor in models.diffusion.state_dict().items()}
+    trained_lora(models, tmp_path / "trained.safetensors", targets)
+    changed = [k for k, v in models.diffusion.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed and not models.loras, f"training a LoRA changed the base weights: {changed[:5]}"
+
+    tokens, x, t, context = inputs(models)
+    base = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    lora = load_lora(models, tmp_path / "trained.safetensors")
+    assert not lora.skipped, lora.skipped
+    ours = outputs(models.diffusion, models.clip, tokens, x, t, context)
+    pipeline, _ = diffusers_pipelines(copied(checkpoint), *CFGS, tmp_path / "diffusers")
+    pipeline.load_lora_weights(str(tmp_path), weight_name="trained.safetensors")
+    with torch.no_grad():
+        theirs = {
+            "unet": pipeline.unet(x, t, encoder_hidden_states=context).sample,
+            "clip": pipeline.text_encoder(tokens).last_hidden_state,
+        }
+    for name in ours:
+        change = (ours[name] - base[name]).abs().max().item()
+        assert change > 1e-3, f"the trained LoRA moved the {name} output by {change:.2e} only: too weak to test"
+        assert_close(ours[name] - base[name], theirs[name] - base[name], f"{name}: the trained LoRA's change")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".ckpt"])
+def test_a_pickled_lora_loads_like_its_safetensors_file_and_a_code_running_one_is_refused(models, tmp_path, suffix):
+    import os
+
+    state = kohya_lora(models, 4, True, seed=9)
+    save_file(state, tmp_path / "lora.safetensors")
+    torch.save(state, tmp_path / f"lora{suffix}")
+    tokens, x, t, context = inputs(models)
+    results = []
+    for name in ("lora.safetensors", f"lora{suffix}"):
+        lora = load_lora(models, tmp_path / name)
+        results.append(outputs(models.diffusion, models.clip, tokens, x, t, context))
+        lora.remove()
+    for net in results[0]:
+        assert torch.equal(results[0][net], results[1][net]), f"{net}: the {suffix} LoRA differs from the safetensors"
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save(state | {"lora_unet_x.lora_down.weight": Payload()}, tmp_path / f"evil{suffix}")
+    with pytest.raises(CheckpointError, match=r"refused: loading this pickle would call posix\.system"):
+        load_lora(models, tmp_path / f"evil{suffix}")
+    assert not marker.exists(), "the payload ran"

@@ -1,6 +1,8 @@
 """The training loop on tiny networks: the loss falls, a resumed run is the uninterrupted run, fine-tuning on a folder
 of captioned images works, and the autoencoder's latent rescaling leaves what it computes unchanged."""
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors import safe_open
 
@@ -15,6 +18,7 @@ from sd.autoencoder import VAEConfig
 from sd.files import new_file_mode
 from sd.model_loader import load_models
 from sd.train import EMA, TINY_CONFIGS, LatentPool, Settings, ShapesData, Trainer, fresh_models, main, normalise_latents
+from sd.train.cli import export
 
 ROOT = Path(__file__).parents[1]
 LATENT_SCALE = VAEConfig().scaling_factor
@@ -264,7 +268,7 @@ def test_re_coloured_sources_are_noised_and_denoised_to_the_captioned_image():
     images, _, sources = ShapesData(recolour=1.0).batch(np.random.default_rng(0), 5)
     sources[4] = images[4]  # a source that is its image: nothing to edit
     moments, _, source_moments = trainer.diffusion_batch(images, [""] * 5, sources)
-    trainer.randn = lambda like: torch.zeros_like(like)  # latents at the posterior means
+    trainer.noise = lambda shape: torch.zeros(shape)  # latents at the posterior means
     z0 = trainer.sample_latents(moments)
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
     a = torch.tensor([0.1, 0.1, 0.9, 0.3, 0.1])[:, None, None, None]  # sample 2: SNR 9, past editing
@@ -386,3 +390,94 @@ def test_recolouring_needs_shapes_data_and_a_fraction(tmp_path):
 def test_train_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "sd.train", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "--resume" in result.stdout and "--gradient-checkpointing" in result.stdout
+
+
+def torchrun(argv: list[str], processes: int = 2) -> None:
+    """`torchrun --nproc_per_node N -m sd.train ...` on the CPU (gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    result = subprocess.run([*command, "-m", "sd.train", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stderr[-3000:]}"
+
+
+def trained_state(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    state = torch.load(run / f"{stage}.pt", weights_only=True)
+    return {f"{net}.{key}": t for net, tensors in state["trained"].items() for key, t in tensors.items()}
+
+
+KINDS = {  # what each kind of run trains, in Settings and on the command line
+    "lora": ({"lora_rank": 4, "lora_targets": "all"}, ["--lora-rank", "4", "--lora-targets", "all", "--lr", "1e-2"]),
+    "fine-tuning": ({"latent_pool": 16}, ["--latent-pool", "16", "--lr", "1e-3"]),
+    "autoencoder": ({"stage": "vae"}, ["--stage", "vae"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_under_torchrun_two_processes_train_and_resume_as_one_does(tmp_path, kind):
+    start = tmp_path / "start.safetensors"
+    export(fresh_models(TINY_CONFIGS, torch.device("cpu")), start, "test", dtype=torch.float32)
+    options = ["--configs", "tiny"] if kind == "autoencoder" else ["--init", str(start)]
+    options += [*KINDS[kind][1], "--data", "shapes", "--recolour", "0.5", "--train-text-encoder", "--seed", "3"]
+    options += ["--batch-size", "4", "--vae-batch-size", "4", "--save-every", "2"]
+    stage = "vae" if kind == "autoencoder" else "diffusion"
+    length = "--vae-steps" if kind == "autoencoder" else "--steps"
+    for run, launch in ((tmp_path / "one", main), (tmp_path / "two", torchrun)):
+        launch([*options, "--run-dir", str(run), length, "2"])
+        launch([*options, "--run-dir", str(run), length, "4", "--resume", "--export", str(run / "out.safetensors")])
+    one, two = losses(tmp_path / "one", stage), losses(tmp_path / "two", stage)
+    assert len(two) == 4, f"{len(two)} lines in the 2-process loss log for 4 steps: one process writes it"
+    # float32's rounding differs with the batch's split, and Adam's normalised steps carry it on: exactness is
+    # checked in float64 below; here, that the command runs, resumes and stays with the single process
+    assert np.allclose(one, two, rtol=2e-3), f"losses of 1 process {one} and 2 processes {two}"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    if kind == "lora":
+        from sd.lora import load_lora
+
+        lora = load_lora(load_models(start), tmp_path / "two" / "out.safetensors")
+        assert not lora.skipped and len(lora.layers) == len(trained_state(tmp_path / "two", stage)) // 2
+
+
+def float64_run(rank: int, world: int, kind: str, run: Path, port: int) -> None:
+    """One step of a `kind` run of the tiny models in float64, as process `rank` of `world`."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+    models = fresh_models(TINY_CONFIGS, cpu)
+    for net in models.named().values():
+        net.double()
+    settings = Settings(steps=1, batch_size=4, seed=3, train_text_encoder=True, caption_dropout=0.5, **KINDS[kind][0])
+    trainer = Trainer(models, settings, ShapesData(0.5 if settings.stage == "diffusion" else 0), run, cpu)
+    with open(run / "loss.log", "a") if rank == 0 else open(os.devnull, "w") as log:
+        trainer.train(log)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def first_gradients(run: Path, stage: str) -> list[torch.Tensor]:
+    """The gradients of a run's one step, as AdamW saw them (after the processes' averaging and the clipping): its
+    first moment after one step is (1 - beta1) * gradient."""
+    state = torch.load(run / f"{stage}.pt", weights_only=True)["optimizer"]
+    beta1 = state["param_groups"][0]["betas"][0]
+    return [s["exp_avg"] / (1 - beta1) for s in state["state"].values()]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_distributed_data_parallel_averages_the_shares_into_the_whole_batchs_gradient(tmp_path, kind):
+    """In float64, where rounding is far below what is compared. (Over several steps, the runs part by more:
+    AdamW divides each gradient by its own size, so a component near zero moves by up to lr * (its rounding
+    error) / eps: ~1e-6 in float64, and ~1e-2 in float32; see the torchrun test above.)"""
+    for run in ("one", "two"):
+        (tmp_path / run).mkdir()
+    float64_run(0, 1, kind, tmp_path / "one", 0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(float64_run, args=(2, kind, tmp_path / "two", port), nprocs=2)
+    stage = "vae" if kind == "autoencoder" else "diffusion"
+    one, two = losses(tmp_path / "one", stage), losses(tmp_path / "two", stage)
+    assert one == two, f"the batch's loss: {one} in 1 process, {two} in 2"
+    alone, shared = first_gradients(tmp_path / "one", stage), first_gradients(tmp_path / "two", stage)
+    assert len(alone) == len(shared) and all(g.dtype == torch.float64 for g in alone)
+    scale = max(g.abs().max().item() for g in alone)
+    worst = max((a - b).abs().max().item() for a, b in zip(alone, shared))
+    assert worst < 1e-9 * scale, f"2 processes' gradient differs from 1's by up to {worst:.2e} (largest {scale:.2e})"

@@ -21,7 +21,12 @@ mixed precision (bf16, or fp16 on older GPUs) and gradient checkpointing on requ
 
 A data folder holds images with captions beside them (`cat.png` + `cat.txt`).
 
-Modules: data.py (shapes, folders, the latent pool), losses.py, ema.py, trainer.py (the loop, checkpoints), cli.py.
+`--lora-rank R` trains LoRA adapters on the frozen model instead of its weights (lora.py) and exports a kohya-format
+LoRA file. Under `torchrun --nproc_per_node N -m sd.train ... --run-dir RUN` the same loop runs in N processes with
+DistributedDataParallel, `--batch-size` being the global batch (see trainer.py).
+
+Modules: data.py (shapes, folders, the latent pool), losses.py, ema.py, lora.py (adapters, kohya export),
+trainer.py (the loop, checkpoints, processes), cli.py.
 """
 
 from sd.train.cli import SHAPES_CONFIGS, TINY_CONFIGS, fresh_models, main

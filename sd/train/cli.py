@@ -2,11 +2,13 @@
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from sd.autoencoder import VAEConfig
@@ -14,11 +16,13 @@ from sd.clip import CLIPConfig
 from sd.diffusion import UNetConfig
 from sd.files import save_atomically
 from sd.model_converter import from_native, to_native
-from sd.model_loader import load_models
+from sd.model_loader import DEFAULT_CHECKPOINT, load_models
 from sd.models import Models, networks
 from sd.native import native_metadata
+from sd.shapes import SHAPES, UNSEEN_SHAPES
 from sd.tokenizer import default_tokenizer
 from sd.train.data import FolderData, ShapesData
+from sd.train.lora import TARGETS
 from sd.train.trainer import Settings, Trainer, normalise_latents
 
 # The built-in model: every kind of SD v1 block, small enough to train on two CPU cores in an hour. Its VAE
@@ -69,8 +73,20 @@ def number_in(low: float, high: float = math.inf):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd.train", description="Training and fine-tuning latent diffusion.")
     p.add_argument("--data", required=True, help='"shapes" (synthetic) or a folder of images with .txt captions')
-    p.add_argument("--run", type=Path, required=True, help="folder for checkpoints and loss.log")
-    p.add_argument("--init", type=Path, help="start from this checkpoint (fine-tuning); default: from scratch")
+    p.add_argument(
+        "--run-dir",
+        "--run",
+        dest="run",
+        type=Path,
+        required=True,
+        help="folder for checkpoints and loss.log (under torchrun spell it --run-dir: torchrun reads --run as its "
+        "own --run-path)",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from this checkpoint (fine-tuning); default: from scratch, or the built-in model for a LoRA",
+    )
     p.add_argument(
         "--configs",
         choices=["shapes", "tiny"],
@@ -100,7 +116,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="shapes data: the fraction of samples to noise from a re-coloured copy, so that image-to-image "
         "re-colouring keeps the shape in place (default 0)",
     )
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default: 1e-3 (vae), 3e-4 from scratch, 1e-5 fine-tuning, 1e-4 a LoRA (kohya's default)",
+    )
     p.add_argument(
         "--caption-dropout",
         type=number_in(0, 1),
@@ -124,12 +145,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="diffusion: the EMA's warm-up decay at step n is (1 + n) / (C + n) (default 10); a smaller C averages "
         "the weights over a longer stretch of a short run",
     )
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=SHAPES + UNSEEN_SHAPES,
+        default=SHAPES,
+        help=f"shapes data: the shapes drawn (default: the built-in model's {', '.join(SHAPES)}; "
+        f"{', '.join(UNSEEN_SHAPES)}: ones it never saw, for a LoRA to teach it)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train a LoRA of rank R on the frozen model (--init, default the built-in model) instead of its "
+        "weights; --export writes it as a kohya-format LoRA file",
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's alpha: scale alpha / rank (default: R)")
+    p.add_argument(
+        "--lora-targets",
+        choices=list(TARGETS),
+        default="attn",
+        help="the UNet layers that get adapters: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items()),
+    )
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
-    p.add_argument("--train-text-encoder", action="store_true", help="when fine-tuning (always from scratch)")
+    p.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="when fine-tuning (always from scratch); with --lora-rank, adapters on the text encoder too",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
-    p.add_argument("--export", type=Path, help="write the trained model here (native .safetensors, fp16)")
+    p.add_argument(
+        "--export", type=Path, help="write the trained model (native .safetensors, fp16) or LoRA (kohya, fp16) here"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--mixed-precision",
@@ -144,12 +194,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="encode N samples once and draw diffusion batches from them (default 0: encode every batch afresh)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lora_rank:
+        if args.stage not in (None, "diffusion"):
+            p.error("--lora-rank trains the diffusion stage only")
+        if args.lora_rank < 0:
+            p.error(f"--lora-rank must be a positive whole number; got {args.lora_rank}")
+        args.init = args.init or DEFAULT_CHECKPOINT
+    return args
+
+
+def device_and_rank(choice: str) -> tuple[torch.device, int]:
+    """The device, and this process's rank: under torchrun (WORLD_SIZE > 1) the process group is started, gloo on
+    CPUs, nccl on GPUs, one GPU per process."""
+    cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device("cuda" if cuda else "cpu"), 0
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu"), dist.get_rank()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device, rank = device_and_rank(args.device)
+    try:
+        return run(args, argv, device, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, argv: list[str] | None, device: torch.device, rank: int) -> int:
     fine_tuning = args.init is not None
     if args.stage == "all" or (args.stage is None and not fine_tuning):
         stages = ["vae", "diffusion"]
@@ -157,19 +234,26 @@ def main(argv: list[str] | None = None) -> int:
         stages = [args.stage or "diffusion"]
     if args.recolour and args.data != "shapes":
         raise ValueError("--recolour needs --data shapes: a folder of images has no re-coloured copies")
-    data = ShapesData(args.recolour) if args.data == "shapes" else FolderData(Path(args.data), args.image_size)
+    if args.data == "shapes":
+        data = ShapesData(args.recolour, tuple(args.shapes))
+    else:
+        data = FolderData(Path(args.data), args.image_size)
     configs = SHAPES_CONFIGS if args.configs == "shapes" else TINY_CONFIGS
     models = load_models(args.init, device=device) if fine_tuning else fresh_models(configs, device)
     models.image_size = data.image_size
     args.run.mkdir(parents=True, exist_ok=True)
     command = "python -m sd.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    if fine_tuning and models.command:  # the file's history: the commands that made the checkpoint, then this one
-        command = f"{models.command} && {command}"
-    with open(args.run / "loss.log", "a") as log:
+    if fine_tuning and models.command and not args.lora_rank:
+        command = f"{models.command} && {command}"  # the file's history: the commands that made it, then this one
+    say = print if rank == 0 else lambda *_: None
+    # one process writes the log; the others' losses are the same numbers (Trainer.batch_mean)
+    with open(args.run / "loss.log", "a") if rank == 0 else open(os.devnull, "w") as log:
         for stage in stages:
             if stage == "diffusion" and not fine_tuning:
+                if dist.is_initialized():
+                    dist.barrier()  # the first process has written the autoencoder
                 restore_vae(models, args.run, device)
-            default_lr = 1e-3 if stage == "vae" else 1e-5 if fine_tuning else 3e-4
+            default_lr = 1e-3 if stage == "vae" else 1e-4 if args.lora_rank else 1e-5 if fine_tuning else 3e-4
             settings = Settings(
                 stage=stage,
                 steps=args.vae_steps if stage == "vae" else args.steps,
@@ -185,22 +269,30 @@ def main(argv: list[str] | None = None) -> int:
                 caption_dropout=args.caption_dropout,
                 ema_decay=args.ema_decay,
                 ema_warmup=args.ema_warmup if stage == "diffusion" else Settings.ema_warmup,
+                lora_rank=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                lora_targets=args.lora_targets,
             )
             # the autoencoder never sees re-coloured sources: stage 1 is the same whatever --recolour is
-            stage_data = ShapesData() if stage == "vae" and args.data == "shapes" else data
+            stage_data = ShapesData(shapes=tuple(args.shapes)) if stage == "vae" and args.data == "shapes" else data
             trainer = Trainer(models, settings, stage_data, args.run, device)
             if args.resume and (args.run / f"{stage}.pt").exists():
                 trainer.resume()
-                print(f"resuming {stage} at step {trainer.step}")
+                say(f"resuming {stage} at step {trainer.step}")
             trainer.train(log)
             trainer.use_ema()
             if stage == "vae":
                 factor = normalise_latents(models, stage_data, np.random.default_rng(args.seed))
-                print(f"latents rescaled by {factor:.4f} to SD v1's scale")
-                export(models, args.run / "vae.safetensors", command, dtype=torch.float32)
-    if args.export:
-        export(models, args.export, command)
-        print(f"wrote {args.export}")
+                say(f"latents rescaled by {factor:.4f} to SD v1's scale")
+                if rank == 0:
+                    export(models, args.run / "vae.safetensors", command, dtype=torch.float32)
+    if args.export and rank == 0:
+        if trainer.adapters is not None:
+            args.export.parent.mkdir(parents=True, exist_ok=True)
+            trainer.adapters.save(args.export, command)
+        else:
+            export(models, args.export, command)
+        say(f"wrote {args.export}")
     return 0
 
 

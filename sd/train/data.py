@@ -1,6 +1,8 @@
 """Training data: the synthetic shapes (drawn afresh for every batch), a folder of captioned images, and a pool of
-pre-encoded latents to draw diffusion batches from. Every source's `batch(rng, n)` returns (images or moments,
-captions, sources or None)."""
+pre-encoded latents to draw diffusion batches from. Every source's `batch(rng, n, share)` draws a batch of n and
+returns the `share` of it (a slice: one process's part under torchrun) as (images or moments, captions, sources or
+None): the random choices are made for all n, so every process's generator stays in step, and only the share is
+drawn or read."""
 
 from pathlib import Path
 
@@ -9,32 +11,41 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sd.shapes import caption, random_scene, recoloured, render
+from sd.shapes import SHAPES, UNSEEN_SHAPES, caption, random_scene, recoloured, render
+
+EVERYTHING = slice(None)
 
 
 class ShapesData:
     """The synthetic shapes, drawn afresh for every batch (see sd/shapes.py). recolour: the fraction of samples whose
-    source is the same scene with the shape in another colour (the edit the model then learns; see Trainer.edited)."""
+    source is the same scene with the shape in another colour (the edit the model then learns; see Trainer.edited).
+    shapes: the shapes drawn (the built-in model's five, or shapes it never saw, for a LoRA)."""
 
     image_size = 64
 
-    def __init__(self, recolour: float = 0.0):
+    def __init__(self, recolour: float = 0.0, shapes: tuple[str, ...] = SHAPES):
         if not 0 <= recolour <= 1:
             raise ValueError(f"recolour is a fraction of samples, in [0, 1]; got {recolour}")
-        self.recolour = recolour
+        unknown = set(shapes) - set(SHAPES + UNSEEN_SHAPES)
+        if unknown or not shapes:
+            raise ValueError(f"shapes are some of {', '.join(SHAPES + UNSEEN_SHAPES)}; got {', '.join(shapes)}")
+        self.recolour, self.shapes = recolour, tuple(shapes)
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    def batch(
+        self, rng: np.random.Generator, n: int, share: slice = EVERYTHING
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
         """(images [n, 3, 64, 64] in [-1, 1], captions, sources: images to noise instead, or None: the images)."""
-        scenes = [random_scene(rng) for _ in range(n)]
+        scenes = [random_scene(rng, self.shapes) for _ in range(n)]
         captions = [caption(scene, rng) for scene in scenes]
-        images = self.draw(scenes)
+        images = self.draw(scenes[share])
         if not self.recolour:
-            return images, captions, None
-        changed = {i: recoloured(scene, rng) for i, scene in enumerate(scenes) if rng.random() < self.recolour}
+            return images, captions[share], None
+        changes = [recoloured(scene, rng) if rng.random() < self.recolour else None for scene in scenes]
+        changed = {i: scene for i, scene in enumerate(changes[share]) if scene is not None}
         sources = images.clone()
         if changed:
             sources[list(changed)] = self.draw(list(changed.values()))
-        return images, captions, sources
+        return images, captions[share], sources
 
     @staticmethod
     def draw(scenes) -> torch.Tensor:
@@ -58,8 +69,10 @@ class LatentPool:
         self.captions = [c for _, captions, _ in parts for c in captions]
         self.sources = None if parts[0][2] is None else torch.cat([sources for _, _, sources in parts])
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-        picks = rng.integers(len(self.captions), size=n)
+    def batch(
+        self, rng: np.random.Generator, n: int, share: slice = EVERYTHING
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        picks = rng.integers(len(self.captions), size=n)[share]
         sources = None if self.sources is None else self.sources[picks]
         return self.moments[picks], [self.captions[i] for i in picks], sources
 
@@ -77,8 +90,10 @@ class FolderData:
         if not self.items:
             raise ValueError(f"{folder}: no images with captions (expected pairs such as cat.png + cat.txt)")
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str], None]:
-        picks = [self.items[i] for i in rng.integers(len(self.items), size=n)]
+    def batch(
+        self, rng: np.random.Generator, n: int, share: slice = EVERYTHING
+    ) -> tuple[torch.Tensor, list[str], None]:
+        picks = [self.items[i] for i in rng.integers(len(self.items), size=n)[share]]
         images = np.stack([np.asarray(self.square(Image.open(p).convert("RGB"))) for p, _ in picks])
         return to_tensor(images), [t.read_text().strip() for _, t in picks], None
 

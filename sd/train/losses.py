@@ -20,12 +20,15 @@ def autoencoder_loss(
     edge_weight: float,
     kl_weight: float,
 ) -> torch.Tensor:
-    """L1 reconstruction, errors near edges weighted up to 1 + 2 edge_weight (flat areas dominate otherwise), plus
-    kl_weight * KL(N(mean, exp(logvar)) || N(0, I)) per latent element."""
+    """L1 reconstruction, errors near edges weighted up to 1 + 2 edge_weight (flat areas dominate otherwise) and
+    normalised by each image's own weights, so that a sample's loss does not depend on the batch it is in (nor
+    on how a batch is split over processes), plus kl_weight * KL(N(mean, exp(logvar)) || N(0, I)) per latent
+    element."""
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
     weight = 1 + edge_weight * edges(images)
-    error = ((decoded.float() - images).abs() * weight).mean() / weight.mean()
-    return error + kl_weight * kl
+    pixels = (1, 2, 3)
+    error = ((decoded.to(images.dtype) - images).abs() * weight).mean(pixels) / weight.mean(pixels)
+    return error.mean() + kl_weight * kl
 
 
 def min_snr_weights(a: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -1,5 +1,11 @@
 """The training run: one stage's settings, the loop (AdamW, gradient clipping, EMA, mixed precision), its
-checkpoints and exact resume, and the autoencoder's latent rescaling after stage 1."""
+checkpoints and exact resume, and the autoencoder's latent rescaling after stage 1.
+
+Under torchrun the same loop runs in every process with DistributedDataParallel: every process draws the same
+random choices for the whole batch (data, noise, timesteps, caption dropout, from generators seeded alike) and
+computes only its share of the samples; DDP averages the shares' gradients, which is the gradient of the whole
+batch's mean loss, so N processes train what one process would with the same global batch.
+"""
 
 import contextlib
 import dataclasses
@@ -11,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
@@ -19,6 +27,7 @@ from sd.models import Models
 from sd.sampling import alphas_cumprod
 from sd.train.data import LatentPool
 from sd.train.ema import EMA
+from sd.train.lora import Adapters
 from sd.train.losses import autoencoder_loss, min_snr_weights
 
 
@@ -45,21 +54,69 @@ class Settings:
     mixed_precision: bool = False
     gradient_checkpointing: bool = False
     latent_pool: int = 0  # diffusion: samples encoded once and drawn from (LatentPool); 0: encode every batch afresh
+    lora_rank: int = 0  # diffusion: train LoRA adapters of this rank on the frozen model; 0: the weights themselves
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: str = "attn"  # a key of sd.train.lora.TARGETS
+
+
+class Denoiser(nn.Module):
+    """What a diffusion step runs, as one module (what DistributedDataParallel wraps): captions' tokens to
+    context, then the UNet's noise prediction; LoRA adapters, when trained, ride along in `adapters`."""
+
+    def __init__(self, models: Models, adapters: Adapters | None, text_grad: bool):
+        super().__init__()
+        self.clip, self.diffusion, self.adapters, self.text_grad = models.clip, models.diffusion, adapters, text_grad
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
+            context = self.clip(tokens)
+        return self.diffusion(z_t, t, context)
+
+
+class Autoencoder(nn.Module):
+    """What an autoencoder step runs, as one module: images -> posterior -> a draw (with the given noise) ->
+    reconstruction; returns (reconstruction, mean, log-variance), the latter two in the images' precision."""
+
+    def __init__(self, models: Models):
+        super().__init__()
+        self.encoder, self.decoder = models.encoder, models.decoder
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = (x.to(images.dtype) for x in self.encoder(images))  # the models' precision, not autocast's
+        return self.decoder(sample_posterior(mean, logvar, noise.to(mean))), mean, logvar
 
 
 class Trainer:
     def __init__(self, models: Models, settings: Settings, data, run: Path, device: torch.device):
         self.models, self.settings, self.data, self.run, self.device = models, settings, data, run, device
+        # the models' own precision (float32; float64 in the tests that compare runs exactly), which the losses and
+        # posteriors keep whatever the autocast
+        self.dtype = models.dtype
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        n = settings.batch_size
+        if n % self.world:
+            raise ValueError(f"a batch of {n} does not split evenly over {self.world} processes")
+        self.share = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        for net in models.named().values():
+            net.requires_grad_(False).eval()
+        self.adapters, s = None, settings
         if settings.stage == "vae":
             self.trained = {"encoder": models.encoder, "decoder": models.decoder}
+        elif settings.lora_rank:
+            self.adapters = Adapters(models, s.lora_rank, s.lora_alpha, s.lora_targets, s.train_text_encoder, s.seed)
+            self.trained = {"lora": self.adapters}
         else:
             self.trained = {"diffusion": models.diffusion} | (
                 {"clip": models.clip} if settings.train_text_encoder else {}
             )
-        for net in models.named().values():
-            net.requires_grad_(False).eval()
         for net in self.trained.values():
             net.requires_grad_(True).train()
+        if settings.stage == "vae":
+            network = Autoencoder(models)
+        else:
+            network = Denoiser(models, self.adapters, settings.train_text_encoder)
+        ids = [device.index] if device.type == "cuda" else None
+        self.step_module = nn.parallel.DistributedDataParallel(network, ids) if self.world > 1 else network
         models.diffusion.gradient_checkpointing = settings.gradient_checkpointing
         params = [p for net in self.trained.values() for p in net.parameters()]
         # the fused kernel: on CPU a fraction of the per-parameter loop's time (measured in docs/training.md)
@@ -88,6 +145,9 @@ class Trainer:
 
     # checkpoints hold only tensors, numbers and strings: they load with the weights-only unpickler
     def save(self) -> None:
+        """The run's state, written by the first process only (every process holds the same)."""
+        if self.rank != 0:
+            return
         state = {
             "step": self.step,
             "settings": dataclasses.asdict(self.settings),
@@ -119,7 +179,7 @@ class Trainer:
     def forget_logged_steps_after(self, step: int) -> None:
         """An interrupted run logged steps that its last checkpoint does not hold: they are trained again."""
         log = self.run / "loss.log"
-        if log.exists():
+        if log.exists() and self.rank == 0:
             lines = log.read_text().splitlines(keepends=True)
             stale = lambda line: line.startswith(f"{self.settings.stage},") and int(line.split(",")[1]) > step
             log.write_text("".join(line for line in lines if not stale(line)))
@@ -137,46 +197,55 @@ class Trainer:
         """The vae stage's (images,), or the diffusion stage's (moments, captions, source moments or None)."""
         n = self.settings.batch_size
         if self.pool is not None:
-            return self.pool.batch(self.data_rng, n)
-        images, captions, sources = self.data.batch(self.data_rng, n)
+            return self.pool.batch(self.data_rng, n, self.share)
+        images, captions, sources = self.data.batch(self.data_rng, n, self.share)
         if self.settings.stage == "vae":
-            return (images.to(self.device),)
+            return (images.to(self.device, self.dtype),)
         return self.diffusion_batch(images, captions, sources)
 
     def vae_loss(self, images: torch.Tensor) -> torch.Tensor:
-        mean, logvar = (x.float() for x in self.models.encoder(images))  # fp32 whatever the autocast
-        z = sample_posterior(mean, logvar, self.randn(mean))
-        s = self.settings
-        return autoencoder_loss(self.models.decoder(z), images, mean, logvar, s.edge_weight, s.kl_weight)
+        cfg = self.models.encoder.cfg
+        side = images.shape[-1] // cfg.pixels_per_latent
+        noise = self.noise((len(images), cfg.latent_channels, side, side))
+        decoded, mean, logvar = self.step_module(images, noise)
+        return autoencoder_loss(decoded, images, mean, logvar, self.settings.edge_weight, self.settings.kl_weight)
 
     def diffusion_loss(
         self, moments: torch.Tensor, captions: list[str], sources: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """moments, sources: [B, 8, h, w] posteriors (see moments) of the images and of what to noise instead."""
+        """moments, sources: [B, 8, h, w] posteriors (see moments) of the images and of what to noise instead (this
+        process's share of the batch)."""
+        n, mine = self.whole(len(captions))
         z0 = self.sample_latents(moments)
-        dropped = torch.rand(len(captions), generator=self.noise_rng) < self.settings.caption_dropout
+        dropped = (torch.rand(n, generator=self.noise_rng) < self.settings.caption_dropout)[mine]
         captions = ["" if drop else c for c, drop in zip(captions, dropped)]
-        with torch.set_grad_enabled(self.settings.train_text_encoder):
-            context = self.models.clip(self.models.tokenizer(captions).to(self.device))
-        t = torch.randint(0, len(self.alphas_cumprod), (len(captions),), generator=self.noise_rng).to(self.device)
+        t = torch.randint(0, len(self.alphas_cumprod), (n,), generator=self.noise_rng)[mine].to(self.device)
         a = self.alphas_cumprod[t][:, None, None, None]
-        eps = self.randn(z0)
+        eps = self.noise(z0.shape).to(z0)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
         target = eps
         if sources is not None:
             z_t, target = self.edited(z_t, eps, z0, moments, sources, a, ~dropped.to(self.device))
-        error = (self.models.diffusion(z_t, t, context).float() - target).pow(2).mean(dim=(1, 2, 3))
+        tokens = self.models.tokenizer(captions).to(self.device)
+        error = (self.step_module(z_t, t, tokens).to(target.dtype) - target).pow(2).mean(dim=(1, 2, 3))
         return (self.loss_weights(t) * error).mean()
 
-    def randn(self, like: torch.Tensor) -> torch.Tensor:
-        """Noise shaped and typed like `like`, from the run's noise generator (on the CPU: the same on every device)."""
-        return torch.randn(like.shape, generator=self.noise_rng).to(like)
+    def whole(self, share: int) -> tuple[int, slice]:
+        """The whole batch's size for a share of `share` samples, and where this process's share lies in it."""
+        return share * self.world, slice(self.rank * share, (self.rank + 1) * share)
+
+    def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal noise for this process's share of a batch, `shape` being the share's, from the run's
+        noise generator: drawn for the whole batch, on the CPU, so it is the same on every device and in every
+        process."""
+        n, mine = self.whole(shape[0])
+        return torch.randn((n, *shape[1:]), generator=self.noise_rng)[mine].to(self.device)
 
     @torch.no_grad()
     def moments(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 8, h, w] fp32, whatever the autocast: the frozen autoencoder's posterior q(z | x), its mean and
-        log-variance stacked on the channels (as LDM's encoder outputs them)."""
-        return torch.cat([x.float() for x in self.models.encoder(images.to(self.device))], dim=1)
+        """[B, 8, h, w] in the models' precision, whatever the autocast: the frozen autoencoder's posterior q(z | x),
+        its mean and log-variance stacked on the channels (as LDM's encoder outputs them)."""
+        return torch.cat([x.to(self.dtype) for x in self.models.encoder(images.to(self.device, self.dtype))], dim=1)
 
     def diffusion_batch(self, images: torch.Tensor, captions: list[str], sources: torch.Tensor | None) -> tuple:
         """A data batch's (moments, captions, source moments or None); a source is encoded only where it differs
@@ -194,7 +263,7 @@ class Trainer:
     def sample_latents(self, moments: torch.Tensor) -> torch.Tensor:
         """[B, 4, h, w]: a draw from the posterior q(z | x) (`moments`), at the pipeline's scale."""
         mean, logvar = moments.chunk(2, dim=1)
-        return self.models.encoder.cfg.scaling_factor * sample_posterior(mean, logvar, self.randn(mean))
+        return self.models.encoder.cfg.scaling_factor * sample_posterior(mean, logvar, self.noise(mean.shape).to(mean))
 
     def edited(self, z_t, eps, z0, moments, sources, a, captioned) -> tuple[torch.Tensor, torch.Tensor]:
         """Noised sources in place of noised images, where a source differs, the caption was kept and
@@ -205,9 +274,10 @@ class Trainer:
         edit is left to the steps before."""
         differs = (sources != moments).flatten(1).any(dim=1)
         edit = differs & captioned & (a.flatten() <= 1 - a.flatten())
+        z_src = self.sample_latents(sources)  # drawn for every sample: the same noise whichever process edits which
         if not edit.any():
             return z_t, eps
-        z_src, a = self.sample_latents(sources[edit]), a[edit]
+        z_src, a = z_src[edit], a[edit]
         z_t, target = z_t.clone(), eps.clone()
         z_t[edit] = a.sqrt() * z_src + (1 - a).sqrt() * eps[edit]
         target[edit] = eps[edit] + (a / (1 - a)).sqrt() * (z_src - z0[edit])
@@ -226,7 +296,7 @@ class Trainer:
             rng = np.random.default_rng((s.seed, 1))  # its own generator: a resumed run rebuilds the same pool
             with self.computing():
                 self.pool = LatentPool(self.data, self.diffusion_batch, s.latent_pool, rng)
-        bar = tqdm(total=s.steps, initial=self.step, desc=s.stage, dynamic_ncols=True)
+        bar = tqdm(total=s.steps, initial=self.step, desc=s.stage, dynamic_ncols=True, disable=self.rank != 0)
         started = time.time()
         loss_of = self.vae_loss if s.stage == "vae" else self.diffusion_loss
         while self.step < s.steps:
@@ -241,13 +311,21 @@ class Trainer:
             self.schedule.step()
             self.ema.update(self.trained, self.step)
             self.step += 1
+            loss = self.batch_mean(loss.detach())
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(f"{s.stage},{self.step},{loss.item():.6f},{time.time() - started:.1f}\n")
+            bar.set_postfix(loss=f"{loss:.4f}")
+            log.write(f"{s.stage},{self.step},{loss:.6f},{time.time() - started:.1f}\n")
             if self.step % s.save_every == 0 or self.step == s.steps:
                 log.flush()
                 self.save()
         bar.close()
+
+    def batch_mean(self, loss: torch.Tensor) -> float:
+        """The whole batch's loss: the mean of the processes' shares."""
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss.item()
 
     def use_ema(self) -> None:
         """Puts the EMA weights into the models (what is exported and evaluated)."""
