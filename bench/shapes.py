@@ -10,7 +10,17 @@ Place and size: 45 full descriptions (every shape at every place); the share dra
 Image-to-image: 40 rendered shapes re-coloured by prompt at strength 0.6; the share that keeps the shape in place
 (IoU >= 0.6) and the share that takes the new colour, with seed 0 (as the tests) and over seeds 0, 100 and 200. The
 control asks for each shape's own colour instead.
+Inpainting: 40 scenes with a shape in the left column, the right half repainted (strength 1) from the full
+description of a new shape of another colour there; the share whose repainted half the judge reads in the new
+colour, and the share whose original shape is still read right (colour, shape, IoU >= 0.8), without and with
+paste_back.
 Samplers: the same text-to-image prompts at CFG 7.5 and 3, and the re-colouring, with each sampler at 20 steps.
+
+    python bench/shapes.py --lora weights/heart.safetensors [--shape heart]
+
+A LoRA that teaches the model a shape it never saw (only this table): how often the judge, choosing among all the
+shapes it knows, reads that shape in 32 images (16 prompts asking for it, seeds 0 and 1) at LoRA strengths 0 to 1;
+and the 80 text-to-image prompts' scores with the LoRA at strength 0, 1 and removed.
 """
 
 import argparse
@@ -23,9 +33,16 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_table  # noqa: E402
 
+from sd.lora import load_lora  # noqa: E402
 from sd.model_loader import load_models  # noqa: E402
 from sd.samplers import SAMPLERS  # noqa: E402
-from sd.shapes import evaluate_placement, evaluate_recolouring, evaluate_text_to_image  # noqa: E402
+from sd.shapes import (  # noqa: E402
+    evaluate_inpainting,
+    evaluate_placement,
+    evaluate_recolouring,
+    evaluate_text_to_image,
+    evaluate_unseen_shape,
+)
 
 COLUMNS = {
     "colour": "colour right",
@@ -58,8 +75,13 @@ def pct(fraction: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, help="default: the built-in model")
+    parser.add_argument("--lora", type=Path, help="judge this LoRA's new shape instead (only that table)")
+    parser.add_argument("--shape", default="heart", help="the shape the LoRA teaches (default heart)")
     args = parser.parse_args()
     models = load_models(args.ckpt)
+    if args.lora:
+        lora_table(models, args.lora, args.shape)
+        return
     rows = []
     for label, cfg, prompted in (("CFG 7.5", 7.5, True), ("CFG 1.0", 1.0, True), ("empty prompt", 1.0, False)):
         scores, seconds = timed(evaluate_text_to_image, models, cfg_scale=cfg, prompted=prompted)
@@ -82,13 +104,21 @@ def main() -> None:
     ):
         kept = f"{pct(scores['in place'])} (both: {pct(scores['both'])})"
         rows.append(row(f"image-to-image, strength 0.6, {label}", seconds, colour=pct(scores["new colour"]), kept=kept))
+    for label, paste in (("", False), (", paste_back", True)):
+        scores, seconds = timed(evaluate_inpainting, models, paste_back=paste)
+        rows.append(
+            row(
+                f"inpainting the right half{label}", seconds, colour=pct(scores["new colour"]), kept=pct(scores["kept"])
+            )
+        )
     write_table(
         "shapes",
         f"Built-in shapes model ({models.source}): the judge's verdicts",
         ["task", *COLUMNS.values(), "seconds"],
         rows,
         [
-            "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%.",
+            "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%;"
+            " inpainting: new colour >= 80%, the original shape kept >= 90%.",
             "Place and size have no target; chance is 11% and 33%.",
         ],
     )
@@ -120,6 +150,40 @@ def sampler_table(models) -> None:
         ],
         rows,
         ["Text-to-image: 80 prompts; re-colouring: 40 shapes at strength 0.6, CFG 7.5."],
+    )
+
+
+def lora_table(models, path: Path, shape: str) -> None:
+    rows = []
+
+    def judged(label: str, strength: float | None, scores: bool) -> None:
+        """A row: `shape` prompts (and with `scores` the 80 prompts) with the LoRA at `strength`, None: without."""
+        lora = None if strength is None else load_lora(models, path, strength=strength, mode="runtime")
+        drawn, seconds = timed(lambda: {"drawn": evaluate_unseen_shape(models, shape)})
+        cells = [pct(drawn["drawn"]), "", ""]
+        if scores:
+            guided, more = timed(evaluate_text_to_image, models)
+            cells[1:] = pct(guided["colour"]), pct(guided["shape"])
+            seconds = f"{float(seconds) + float(more):.1f}"
+        rows.append([label, *cells, seconds])
+        if lora is not None:
+            lora.remove()
+
+    judged("no LoRA", None, scores=True)
+    for strength in (0.0, 0.25, 0.5, 0.75, 1.0):
+        judged(f"LoRA at strength {strength:g}", strength, scores=strength in (0.0, 1.0))
+    judged("LoRA removed", None, scores=True)
+    write_table(
+        "shapes-lora",
+        f"A LoRA ({path.name}) teaching the built-in model a {shape}",
+        ["", f"{shape} drawn", "colour right (80 prompts)", "shape right (80 prompts)", "seconds"],
+        rows,
+        [
+            f"{shape} drawn: the judge, choosing among every shape it knows, reads a {shape} in images for prompts"
+            " asking for one (32 images: 16 prompts, seeds 0 and 1). The 80 prompts are the text-to-image"
+            " evaluation's (the model's own five shapes). Targets: >= 80% drawn at strength 1 and <= 10% without;"
+            " the 80 prompts' scores within 5 points of the model's own at strength 0 and removed.",
+        ],
     )
 
 

@@ -1,7 +1,7 @@
 """The command line: `python demo.py "a lighthouse at dusk"` (or `python -m sd ...`), text-to-image and, with
---init-image, image-to-image. PNGs carry A1111-compatible `parameters` text, file names are numbered so nothing is
-ever overwritten, and every file is written whole or not at all. Bad input is one line on stderr and exit code 2,
-before anything is loaded or written."""
+--init-image, image-to-image (with --mask, inpainting). PNGs carry A1111-compatible `parameters` text, file names are
+numbered so nothing is ever overwritten, and every file is written whole or not at all. Bad input is one line on
+stderr and exit code 2, before anything is loaded or written."""
 
 import argparse
 import json
@@ -18,6 +18,7 @@ from sd.attention import set_attention_chunk
 from sd.embeddings import load_embeddings
 from sd.files import remove_stale_temporaries, temporary_path
 from sd.images import check_size, default_size, open_image
+from sd.inpainting import outpainting
 from sd.lora import find_lora, load_lora, lora_tags
 from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
@@ -37,7 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="demo.py", description="Stable Diffusion v1.x: text-to-image and image-to-image.")
+    p = Parser(prog="demo.py", description="Stable Diffusion v1.x: text-to-image, image-to-image and inpainting.")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", default="", help="what to steer away from (negative prompt)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps, 1 to 1000 (default 20)")
@@ -57,6 +58,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="images to make (one seed, one batch; default 1)")
     p.add_argument("--init-image", type=Path, help="image-to-image: start from this image")
     p.add_argument("--strength", type=finite, default=0.75, help="image-to-image: how much to change, 0..1 (0.75)")
+    p.add_argument(
+        "--mask",
+        type=Path,
+        help="inpainting (with --init-image): repaint where this image is white, keep where it is black (resized to "
+        "the image); any checkpoint, the 9-channel inpainting ones included",
+    )
+    p.add_argument(
+        "--paste-back",
+        action="store_true",
+        help="inpainting: put the original pixels back outside the mask (the VAE's round trip changes them slightly)",
+    )
+    p.add_argument(
+        "--mask-blur", type=int, default=0, help="with --paste-back: soften the mask's edge over N pixels (A1111: 4)"
+    )
+    p.add_argument(
+        "--outpaint",
+        metavar="LEFT,TOP,RIGHT,BOTTOM",
+        help="extend the --init-image's canvas by these many pixels on each side and paint the new border "
+        "(inpainting with a mask made for it); use --strength 1",
+    )
+    p.add_argument(
+        "--only-masked",
+        type=int,
+        nargs="?",
+        const=32,
+        metavar="PADDING",
+        help="inpainting: draw only the box around the mask, PADDING pixels wider (default 32), at -W x -H, and paste "
+        'it back into the image, which keeps its size (A1111\'s "Only masked")',
+    )
     p.add_argument("--clip-skip", type=int, default=1, help="stop CLIP this many layers early, minus one (A1111's)")
     p.add_argument(
         "--emphasis",
@@ -146,6 +176,18 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
     check_size(8 if args.width is None else args.width, 8 if args.height is None else args.height)
     if not 0 <= args.strength <= 1:
         raise ValueError(f"--strength must be between 0 and 1, got {args.strength}")
+    if args.mask is not None and args.init_image is None:
+        raise ValueError("--mask marks what to repaint in an image: add --init-image")
+    if (args.paste_back or args.mask_blur or args.only_masked is not None) and args.mask is args.outpaint is None:
+        raise ValueError(
+            "--paste-back, --mask-blur and --only-masked are for inpainting: add --mask (and --init-image)"
+        )
+    if args.only_masked is not None and args.only_masked < 0:
+        raise ValueError(f"--only-masked's padding is a number of pixels, 0 or more; got {args.only_masked}")
+    if args.mask_blur < 0:
+        raise ValueError(f"--mask-blur is a number of pixels, 0 or more; got {args.mask_blur}")
+    if args.mask_blur and not args.paste_back:
+        raise ValueError("--mask-blur softens the edge of --paste-back: add --paste-back")
     if not 1 <= args.steps <= TRAIN_STEPS:
         raise ValueError(f"--steps must be between 1 and {TRAIN_STEPS} (SD v1's training steps), got {args.steps}")
     counts = {"--batch": args.batch, "--clip-skip": args.clip_skip, "--attention-chunk": args.attention_chunk}
@@ -164,7 +206,19 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
         check_readable("--lora", path)
     for name, _, _ in lora_tags(args.prompt)[1]:
         check_readable("--lora-dir", find_lora(args.lora_dir, name))
-    return None if args.init_image is None else open_image(args.init_image)
+    image = None if args.init_image is None else open_image(args.init_image)
+    if args.mask is not None:
+        args.mask = open_image(args.mask, "mask")
+    if args.outpaint is not None:
+        if image is None or args.mask is not None:
+            raise ValueError("--outpaint extends an --init-image and makes its own mask: give --init-image, no --mask")
+        sides = [number(side) for side in args.outpaint.split(",")]
+        if len(sides) != 4 or any(side is None or side != int(side) for side in sides):
+            raise ValueError(
+                f"--outpaint takes four whole numbers of pixels, LEFT,TOP,RIGHT,BOTTOM; got {args.outpaint}"
+            )
+        image, args.mask = outpainting(image, *(int(side) for side in sides))
+    return image
 
 
 def lora_argument(text: str) -> tuple[Path, float]:
@@ -255,6 +309,9 @@ def infotext(parameters: Parameters, index: int, model: str, hash_: str) -> str:
         "Model hash": hash_,
         "Model": model,
         "Denoising strength": p.strength,
+        "Mask blur": p.mask_blur,
+        "Inpaint area": "Only masked" if p.padding_mask_crop is not None else None,
+        "Masked area padding": p.padding_mask_crop,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
         "Eta": p.eta or None,
         "Batch size": per_prompt if per_prompt > 1 else None,
@@ -342,6 +399,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         batch_size=args.batch,
         init_image=image,
         strength=args.strength,
+        mask=args.mask,
+        mask_blur=args.mask_blur,
+        paste_back=args.paste_back,
+        padding_mask_crop=args.only_masked,
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         pad_prompts=args.pad_prompts,

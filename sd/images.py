@@ -15,23 +15,24 @@ def check_size(width: int, height: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of 8, got {value}{hint}")
 
 
-def open_image(image: str | Path | Image.Image) -> Image.Image:
+def open_image(image: str | Path | Image.Image, what: str = "init image") -> Image.Image:
     """An RGB image from a path or a PIL image, upright as viewers show it (EXIF orientation applied) and 16-bit
-    greyscale scaled to 8 bits; a missing, unreadable or oversized file is a one-line ValueError."""
+    greyscale scaled to 8 bits; a missing, unreadable or oversized file is a one-line ValueError naming it as
+    `what`."""
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
     path = Path(image)
     if path.is_dir():
-        raise ValueError(f"init image {path}: is a directory; pass an image file")
+        raise ValueError(f"{what} {path}: is a directory; pass an image file")
     if not path.is_file():
-        raise ValueError(f"init image {path}: no such file")
+        raise ValueError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as opened:
             return to_rgb(ImageOps.exif_transpose(opened))
     except Image.DecompressionBombError as error:
-        raise ValueError(f"init image {path}: refused, too many pixels to decode safely ({error})") from None
+        raise ValueError(f"{what} {path}: refused, too many pixels to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"init image {path}: not a readable image ({error})") from None
+        raise ValueError(f"{what} {path}: not a readable image ({error})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -66,3 +67,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] -> PIL images, rounding to 8 bits as diffusers does."""
     array = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]
+
+
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> [B, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2) / 255

@@ -1,12 +1,15 @@
-"""Text-to-image and image-to-image, as four stages that `generate` composes:
+"""Text-to-image, image-to-image and inpainting, as four stages that `generate` composes:
 
     guidance = Guidance.build(...)   the prompts (A1111's syntax) through CLIP, as contexts over the steps
     x = initial_noise(...)           text-to-image: the starting noise; image-to-image: noised_image(...), the init
-                                     image's latents noised to the level where sampling starts
+                                     image's latents noised to the level where sampling starts; inpainting:
+                                     inpainting.start(...), the same and the mask's condition
     x = denoise(...)                 the sampler's loop; each step's guided noise prediction is guidance(...)
+                                     (inpainting: of the conditioned UNet, and the kept region restored after it)
     images = decode(models, x)       the VAE decoder
 
-Seeds reproduce diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline run with
+Seeds reproduce diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline
+run with
 `generator=torch.Generator("cpu").manual_seed(seed)`: the same random numbers are drawn in the same order (the VAE
 posterior sample and the starting noise for image-to-image, the initial latents for text-to-image, then each
 stochastic sampler step's noise), always in float32 on the CPU, so a seed gives the same image on any device.
@@ -17,6 +20,7 @@ import math
 import numbers
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +28,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from sd import inpainting
 from sd.autoencoder import sample_posterior
 from sd.guidance import Guidance
-from sd.images import check_size, default_size, image_to_tensor, open_image, to_pil
+from sd.images import check_size, default_size, image_to_tensor, open_image, pil_to_tensor, to_pil
 from sd.lora import lora_tags, prompt_loras
 from sd.model_loader import load_models
 from sd.models import Models, check_device
@@ -55,6 +60,8 @@ class Parameters:
     clip_skip: int
     batch_size: int  # images per prompt
     strength: float | None = None  # image-to-image only
+    mask_blur: int | None = None  # inpainting only
+    padding_mask_crop: int | None = None  # inpainting "only masked": the crop's padding
     lora_hashes: dict[str, str] = field(default_factory=dict)  # the prompt's <lora:...> tags: name -> A1111's hash
 
 
@@ -96,6 +103,10 @@ def generate(
     emphasis: str = "original",
     pad_prompts: bool = False,
     lora_dir: str | Path | None = None,
+    mask: str | Path | Image.Image | None = None,
+    mask_blur: int = 0,
+    paste_back: bool = False,
+    padding_mask_crop: int | None = None,
 ) -> Generated:
     """Images for a prompt (or a list of prompts, `batch_size` images each).
 
@@ -112,6 +123,11 @@ def generate(
     "no_norm" or "none" (brackets are text); pad_prompts: a prompt and negative prompt of different lengths padded
     to one (A1111's pad_cond_uncond: one UNet call, other numbers) instead of taking a call each. lora_dir: where
     the prompt's `<lora:NAME:STRENGTH>` tags find NAME.safetensors; those LoRAs apply to this generation only.
+    mask: inpainting (with init_image): repaint where the mask is white, keep where it is black (any mode, resized
+    to the image); either kind of checkpoint (sd/inpainting.py). paste_back: the original pixels outside the mask in
+    the output, its edge blurred over mask_blur pixels. padding_mask_crop: inpaint only the box around the mask
+    (this many pixels wider, then widened to width x height's aspect), at width x height, and paste it back into
+    the init image, which keeps its size (A1111's "only masked", diffusers' padding_mask_crop).
     """
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     negatives = (
@@ -119,7 +135,13 @@ def generate(
     )
     arguments = {name: value for name, value in locals().items() if name in ARGUMENT_TYPES}
     check_arguments(models, prompts, negatives, arguments)
-    image, width, height = starting_image(init_image, width, height, models.image_size)
+    crop = None
+    if padding_mask_crop is None:
+        image, width, height = starting_image(init_image, width, height, models.image_size)
+    else:
+        crop = inpainting.OnlyMasked(init_image, mask, padding_mask_crop, width, height, models.image_size)
+        image, mask, width, height = image_to_tensor(crop.image, crop.width, crop.height), crop.mask, *crop.size
+    mask = None if mask is None else inpainting.open_mask(mask, width, height)
     sampler = make_sampler(sampler, karras=karras, eta=eta) if isinstance(sampler, str) else sampler
     seed = random.randrange(2**32) if seed is None else seed
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -134,16 +156,33 @@ def generate(
             guidance = Guidance.build(
                 models, list(untagged), negatives, batch_size, steps, cfg_scale, clip_skip, emphasis, pad_prompts
             )
+        inpaint = None
         if image is None:
             x = initial_noise(models, sampler, total, width, height, latents, generator, device)
         else:
+            image = image.to(device, models.dtype)
             with placed(models.encoder, device):
-                x = noised_image(models, sampler, image.to(device, models.dtype), total, start, generator, vae_tile)
-        if image is not None and start == steps and strength > 0:
+                if mask is None:
+                    x = noised_image(models, sampler, image, total, start, generator, vae_tile)
+                elif not mask.any():
+                    warnings.warn(
+                        "the mask is all black, nothing to repaint: the init image comes back as the VAE reproduces it",
+                        stacklevel=3,
+                    )
+                    x, start = image_latents(models, image, generator, vae_tile).repeat(total, 1, 1, 1), steps
+                else:
+                    latents_of = lambda pixels: image_latents(models, pixels, generator, vae_tile)  # noqa: E731
+                    mask = mask.to(device)
+                    x, inpaint = inpainting.start(
+                        models, sampler, image, mask, total, start, strength, generator, latents_of
+                    )
+        if image is not None and start == steps and strength > 0 and (mask is None or mask.any()):
             message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
             warnings.warn(message + " (raise the strength or the steps)", stacklevel=3)
         with placed(models.diffusion, device):
-            x = denoise(models.diffusion, sampler, x, guidance, generator, start, progress)
+            unet = models.diffusion if inpaint is None else inpaint.model(models.diffusion)
+            keep = None if inpaint is None else inpaint.keep(sampler)
+            x = denoise(unet, sampler, x, guidance, generator, start, progress, keep)
     check_finite(x, "the UNet")
 
     parameters = Parameters(
@@ -160,6 +199,8 @@ def generate(
         clip_skip=clip_skip,
         batch_size=batch_size,
         strength=None if image is None else strength,
+        mask_blur=None if mask is None else mask_blur,
+        padding_mask_crop=padding_mask_crop,
         lora_hashes=lora_hashes,
     )
     if output_type == "latent":
@@ -167,7 +208,13 @@ def generate(
     with placed(models.decoder, device):
         images = decode(models, x, vae_tile)
     check_finite(images, "the VAE decoder")
-    images = (images / 2 + 0.5).clamp(0, 1).float().cpu()
+    images = (images / 2 + 0.5).clamp(0, 1).float()
+    if paste_back:
+        images = inpainting.paste_back(images, image, mask, mask_blur)
+    images = images.cpu()
+    if crop is not None:
+        pasted = [crop.paste(picture) for picture in to_pil(images)]
+        return Generated(pasted if output_type == "pil" else pil_to_tensor(pasted), parameters)
     return Generated(to_pil(images) if output_type == "pil" else images, parameters)
 
 
@@ -203,10 +250,22 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {options['output_type']!r}")
     if options["device"] is not None:
         check_device(torch.device(options["device"]))
-    if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels:
-        raise ValueError("an inpainting checkpoint needs a mask; this pipeline does text-to-image and image-to-image")
+    if options["mask"] is not None and options["init_image"] is None:
+        raise ValueError("a mask marks what to repaint in an init image: pass init_image= too")
     if options["init_image"] is not None and options["latents"] is not None:
         raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
+    if options["mask_blur"] < 0:
+        raise ValueError(f"mask_blur is a number of pixels, 0 or more; got {options['mask_blur']}")
+    if (options["mask_blur"] or options["paste_back"]) and options["mask"] is None:
+        raise ValueError("mask_blur and paste_back apply to inpainting: pass mask= (and init_image=) too")
+    if options["padding_mask_crop"] is not None and options["mask"] is None:
+        raise ValueError("padding_mask_crop inpaints the box around a mask: pass mask= (and init_image=) too")
+    if options["padding_mask_crop"] is not None and options["padding_mask_crop"] < 0:
+        raise ValueError(f"padding_mask_crop is a number of pixels, 0 or more; got {options['padding_mask_crop']}")
+    if options["mask_blur"] and not options["paste_back"]:
+        raise ValueError("mask_blur softens the edge where paste_back puts the original pixels back: add paste_back")
+    if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels and options["mask"] is None:
+        raise ValueError("an inpainting checkpoint needs an init image and a mask (init_image= and mask=)")
 
 
 Int, Real, NoneType = numbers.Integral, numbers.Real, type(None)  # numpy's numbers count too
@@ -231,6 +290,10 @@ ARGUMENT_TYPES = {
     "emphasis": (str,),
     "pad_prompts": (bool,),
     "lora_dir": (str, Path, NoneType),
+    "mask": (str, Path, Image.Image, NoneType),
+    "mask_blur": (Int,),
+    "paste_back": (bool,),
+    "padding_mask_crop": (Int, NoneType),
 }
 TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None"}
 
@@ -287,14 +350,18 @@ def initial_noise(
     return latents.to(device, models.dtype) * sampler.init_noise_sigma
 
 
+def image_latents(models: Models, image: torch.Tensor, generator, vae_tile) -> torch.Tensor:
+    """A sample of the image's latent posterior, at the UNet's scale."""
+    mean, logvar = encode(models, image, vae_tile)
+    return models.encoder.cfg.scaling_factor * sample_posterior(mean, logvar, noise_like(mean, generator))
+
+
 def noised_image(
     models: Models, sampler: Sampler, image: torch.Tensor, total: int, start: int, generator, vae_tile
 ) -> torch.Tensor:
     """Image-to-image's start: a sample of the image's latent posterior, `total` times, noised to the level of
     step `start` (no noise when no step is left to take)."""
-    mean, logvar = encode(models, image, vae_tile)
-    x0 = models.encoder.cfg.scaling_factor * sample_posterior(mean, logvar, noise_like(mean, generator))
-    x0 = x0.repeat(total, 1, 1, 1)
+    x0 = image_latents(models, image, generator, vae_tile).repeat(total, 1, 1, 1)
     return sampler.add_noise(x0, noise_like(x0, generator), start) if start < len(sampler.timesteps) else x0
 
 
@@ -306,13 +373,17 @@ def denoise(
     generator: torch.Generator,
     start: int = 0,
     progress: bool = True,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The sampling loop from step `start` on: the guided noise prediction, then the sampler's step. `unet` is
     whatever predicts the noise, called as the UNet is, (latents, timestep, context): where per-step features
-    (hooks, caches) attach. Prompt edits count the steps taken, from 0, as A1111 does."""
+    (hooks, caches, inpainting's condition) attach; `after_step(x, i)` may change each step's result (inpainting
+    restores the kept region). Prompt edits count the steps taken, from 0, as A1111 does."""
     for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
         eps = guidance(unet, sampler.scale_input(x, i), sampler.timesteps[i], i - start)
         x = sampler.step(eps, i, x, generator)
+        if after_step is not None:
+            x = after_step(x, i)
     return x
 
 
@@ -370,6 +441,13 @@ class StableDiffusion:
     def txt2img(self, prompt: str | list[str], **kwargs) -> list[Image.Image]:
         """kwargs: those of `generate` (negative_prompt, sampler, steps, cfg_scale, seed, width, height, ...)."""
         return generate(prompt, self.models, **kwargs).images
+
+    def inpaint(self, prompt: str | list[str], image, mask, strength: float = 1.0, **kwargs) -> list[Image.Image]:
+        """The prompt drawn where `mask` is white in `image` (paths or PIL images); strength 1 (diffusers' default)
+        repaints from pure noise. kwargs: those of `generate` (paste_back, mask_blur, ...)."""
+        if image is None or mask is None:
+            raise ValueError("inpaint needs an image and a mask (paths or PIL images)")
+        return generate(prompt, self.models, init_image=image, mask=mask, strength=strength, **kwargs).images
 
     def img2img(self, prompt: str | list[str], image, strength: float = 0.75, **kwargs) -> list[Image.Image]:
         """The prompt drawn into `image` (a path or PIL image); strength: how much of it to redraw, 0..1."""

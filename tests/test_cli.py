@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -102,6 +103,47 @@ def test_image_to_image_records_its_denoising_strength(ckpt, tmp_path):
     assert read_parameters(png)[2]["Denoising strength"] == "0.6" and Image.open(png).size == (40, 32)
 
 
+def test_inpainting_records_its_mask_blur_and_keeps_the_pixels_outside_the_mask(ckpt, tmp_path):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    init.save(tmp_path / "init.png")
+    mask = np.zeros((48, 64), dtype=np.uint8)
+    mask[8:40, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--strength", "1"]
+    assert demo(ckpt, tmp_path / "out", *args, "--paste-back", "--mask-blur", "2", "--seed", "1") == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    fields = read_parameters(png)[2]
+    assert fields["Mask blur"] == "2" and fields["Denoising strength"] == "1.0", fields
+    assert "Inpaint area" not in fields
+    far = np.ones((48, 64), dtype=bool)
+    far[:, 24:] = False  # the blur reaches 5 pixels
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB"))[far], np.asarray(init)[far])
+
+
+def test_only_masked_inpainting_keeps_the_images_size_and_records_its_padding(ckpt, tmp_path):
+    Image.new("RGB", (96, 72), "blue").save(tmp_path / "init.png")
+    mask = Image.new("L", (96, 72), 0)
+    mask.paste(255, (60, 10, 80, 30))
+    mask.save(tmp_path / "mask.png")
+    args = ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--only-masked", "8"]
+    assert demo(ckpt, tmp_path / "out", *args) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    fields = read_parameters(png)[2]
+    assert Image.open(png).size == (96, 72), "the output is the init image's size, with the crop pasted in"
+    assert fields["Inpaint area"] == "Only masked" and fields["Masked area padding"] == "8", fields
+
+
+def test_outpainting_extends_the_canvas_and_keeps_the_image_with_paste_back(ckpt, tmp_path):
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    init.save(tmp_path / "init.png")
+    args = ["--init-image", str(tmp_path / "init.png"), "--outpaint", "8,0,8,16", "--strength", "1", "--paste-back"]
+    assert demo(ckpt, tmp_path / "out", *args, "-W", "64", "-H", "48") == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    out = np.asarray(Image.open(png).convert("RGB"))
+    assert out.shape == (48, 64, 3) and np.array_equal(out[:32, 8:56], np.asarray(init))
+    assert demo(ckpt, tmp_path / "bad", "--init-image", str(tmp_path / "init.png"), "--outpaint", "8,0") == 2
+
+
 def test_a_batch_gives_numbered_images_and_a_grid_and_nothing_is_overwritten(ckpt, tmp_path):
     (tmp_path / "00003-99.png").write_bytes(b"someone's image")
     assert demo(ckpt, tmp_path, "--batch", "3", "--seed", "5") == 0
@@ -121,6 +163,12 @@ def test_a_batch_gives_numbered_images_and_a_grid_and_nothing_is_overwritten(ckp
         (["--init-image", "{tmp}/broken.png"], "error: init image {tmp}/broken.png: not a readable image"),
         (["--init-image", "{tmp}/missing.png"], "error: init image {tmp}/missing.png: no such file"),
         (["--sampler", "heun"], "error: argument --sampler: invalid choice: 'heun'"),
+        (["--init-image", "{tmp}/init.png", "--mask", "{tmp}/missing.png"], "error: mask {tmp}/missing.png: no such"),
+        (["--mask", "{tmp}/init.png"], "error: --mask marks what to repaint in an image: add --init-image"),
+        (
+            ["--init-image", "{tmp}/init.png", "--mask", "{tmp}/init.png", "--mask-blur", "4"],
+            "error: --mask-blur softens",
+        ),
         (["--ckpt", "{tmp}/missing.ckpt"], "error: --ckpt {tmp}/missing.ckpt: no such file or folder"),
         (["--ckpt", "{tmp}/broken.png"], "error: {tmp}/broken.png: not a checkpoint"),
         (["--sampler", "euler_a", "--karras"], "error: the Euler a sampler has no Karras schedule"),
@@ -137,6 +185,9 @@ def test_a_batch_gives_numbered_images_and_a_grid_and_nothing_is_overwritten(ckp
         "unreadable-image",
         "missing-image",
         "sampler",
+        "missing-mask",
+        "mask-alone",
+        "blur-without-paste",
         "missing-ckpt",
         "not-a-ckpt",
         "karras",
@@ -146,6 +197,7 @@ def test_a_batch_gives_numbered_images_and_a_grid_and_nothing_is_overwritten(ckp
 )
 def test_bad_input_is_one_line_exit_code_2_and_writes_nothing(ckpt, tmp_path, args, message):
     (tmp_path / "broken.png").write_bytes(b"not an image")
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "init.png")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     ckpt_args = [] if "--ckpt" in args else ["--ckpt", str(ckpt)]
     result = subprocess.run(

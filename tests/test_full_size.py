@@ -149,3 +149,56 @@ def test_full_size_lora_gives_diffusers_outputs_and_comes_off_bit_for_bit(ours, 
     lora.remove()
     changed = [k for k, v in before.items() if not torch.equal(v, models.diffusion.state_dict()[k])]
     assert not changed, changed[:5]
+
+
+@pytest.mark.parametrize("channels", [4, 9], ids=["4-channel", "9-channel"])
+def test_full_size_inpainting_matches_diffusers(checkpoint, pipelines, channels):
+    """The 9-channel case gives both UNets the same random 9-channel conv_in for the test's duration (a second
+    full-size pipeline would double the memory)."""
+    import dataclasses
+
+    from diffusers import StableDiffusionInpaintPipeline
+
+    models = our_models(checkpoint, CLIP_CFG, VAE_CFG, UNET_CFG)
+    pipeline = StableDiffusionInpaintPipeline(**pipelines[0].components)
+    original = pipeline.unet.conv_in
+    if channels == 9:
+        wide = torch.nn.Conv2d(9, 320, 3, padding=1)
+        torch.nn.init.normal_(wide.weight, std=(9 * 9) ** -0.5, generator=torch.Generator().manual_seed(5))
+        wide.bias.data = original.bias.detach().clone()
+        models.diffusion.input_blocks[0][0] = wide
+        models.diffusion.cfg = dataclasses.replace(models.diffusion.cfg, in_channels=9)
+        pipeline.unet.conv_in = wide
+        pipeline.unet.register_to_config(in_channels=9)
+    try:
+        image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (20, 12, 52, 44))
+        ours = generate(
+            PROMPT,
+            models,
+            sampler="euler_a",
+            steps=3,
+            seed=7,
+            init_image=image,
+            mask=mask,
+            strength=1.0,
+            output_type="latent",
+            progress=False,
+        )
+        pipeline.scheduler = diffusers_scheduler("euler_a")
+        expected = pipeline(
+            PROMPT,
+            image=image,
+            mask_image=mask,
+            height=64,
+            width=64,
+            strength=1.0,
+            num_inference_steps=3,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(7),
+        ).images
+    finally:
+        pipeline.unet.conv_in = original
+        pipeline.unet.register_to_config(in_channels=4)
+    assert_close(ours.images, expected, f"full-size {channels}-channel inpainting")

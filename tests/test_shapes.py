@@ -15,9 +15,12 @@ from sd.shapes import (
     PLACES,
     SHAPES,
     SIDES,
+    UNSEEN_SHAPES,
     caption,
+    evaluate_inpainting,
     evaluate_recolouring,
     evaluate_text_to_image,
+    evaluate_unseen_shape,
     evaluation_prompts,
     judge,
     placement_scenes,
@@ -31,10 +34,12 @@ from sd.shapes import (
 ROOT = Path(__file__).parents[1]
 
 
-def test_the_judge_reads_every_rendered_scene_right():
+@pytest.mark.parametrize("shapes", [SHAPES, SHAPES + UNSEEN_SHAPES], ids=["the model's shapes", "and unseen ones"])
+def test_the_judge_reads_every_rendered_scene_right(shapes):
     rng = np.random.default_rng(0)
-    scenes = [random_scene(rng) for _ in range(300)]
-    wrong = [(s, judge(render(s))[:2]) for s in scenes if judge(render(s))[:2] != (s.colour, s.shape)]
+    scenes = [random_scene(rng, shapes) for _ in range(300)]
+    verdicts = [(s, judge(render(s), shapes)[:2]) for s in scenes]
+    wrong = [(s, verdict) for s, verdict in verdicts if verdict != (s.colour, s.shape)]
     assert not wrong, f"{len(wrong)} misjudged, first: {wrong[:3]}"
 
 
@@ -132,3 +137,40 @@ def test_the_readme_demo_command_writes_a_png_with_the_builtin_model(tmp_path):
     assert "built-in shapes model; pass --ckpt for SD v1.x" in result.stdout
     (png,) = tmp_path.glob("*.png")
     assert Image.open(png).size == (64, 64)
+
+
+HEART = ROOT / "weights" / "heart.safetensors"
+
+
+def test_the_heart_lora_teaches_the_builtin_model_a_shape_it_never_saw(builtin):
+    from safetensors import safe_open
+
+    from sd.lora import load_lora
+
+    assert HEART.stat().st_size < 2e6, "the worked example LoRA is meant to be small"
+    with safe_open(HEART, framework="pt") as f:
+        assert f.metadata()["command"].startswith(
+            "python -m sd.train --data shapes --shapes circle square triangle star cross heart"
+        )
+    base = evaluate_text_to_image(builtin)
+    without = evaluate_unseen_shape(builtin, "heart")
+    lora = load_lora(builtin, HEART)
+    with_lora = evaluate_unseen_shape(builtin, "heart")
+    lora.remove()
+    assert with_lora >= 0.8 and without <= 0.1, f"hearts drawn: {with_lora:.0%} with the LoRA, {without:.0%} without"
+    removed = evaluate_text_to_image(builtin)
+    zero = load_lora(builtin, HEART, strength=0.0, mode="runtime")
+    at_zero = evaluate_text_to_image(builtin)
+    zero.remove()
+    for case, scores in (("removed", removed), ("at strength 0", at_zero)):
+        moved = max(abs(scores[k] - base[k]) for k in base)
+        assert moved <= 0.05, f"the base model's scores {base} became {scores} with the LoRA {case}"
+
+
+def test_inpainting_on_the_builtin_model_keeps_the_shape_and_paints_some_new_ones(builtin):
+    """The issue's targets are 80% of new colours and 90% of shapes kept. Kept: 100% with paste_back, 50% without
+    (decoding the whole latent moves the kept region's colours: the decoder's GroupNorm sees the new half too).
+    New colours: 50% (bench/results/shapes.md): a model that only ever saw one shape per image often leaves the
+    second out. This guards what it does; the 80% is not met (see the issue's note)."""
+    scores = evaluate_inpainting(builtin, paste_back=True)
+    assert scores["kept"] >= 0.9 and scores["new colour"] >= 0.4, scores
