@@ -18,7 +18,7 @@ from sd.attention import set_attention_chunk
 from sd.embeddings import load_embeddings
 from sd.files import remove_stale_temporaries, temporary_path
 from sd.images import check_size, default_size, open_image
-from sd.inpainting import outpainting
+from sd.inpainting import MASKED_CONTENT, outpainting
 from sd.lora import find_lora, load_lora, lora_tags
 from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--mask-blur", type=int, default=0, help="with --paste-back: soften the mask's edge over N pixels (A1111: 4)"
+    )
+    p.add_argument(
+        "--masked-content",
+        choices=MASKED_CONTENT,
+        default="original",
+        help="inpainting below --strength 1: what the masked region starts from (A1111's option; default original)",
     )
     p.add_argument(
         "--outpaint",
@@ -178,9 +184,11 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
         raise ValueError(f"--strength must be between 0 and 1, got {args.strength}")
     if args.mask is not None and args.init_image is None:
         raise ValueError("--mask marks what to repaint in an image: add --init-image")
-    if (args.paste_back or args.mask_blur or args.only_masked is not None) and args.mask is args.outpaint is None:
+    inpainting = args.paste_back or args.mask_blur or args.only_masked is not None or args.masked_content != "original"
+    if inpainting and args.mask is args.outpaint is None:
         raise ValueError(
-            "--paste-back, --mask-blur and --only-masked are for inpainting: add --mask (and --init-image)"
+            "--paste-back, --mask-blur, --only-masked and --masked-content are for inpainting: add --mask (and "
+            "--init-image)"
         )
     if args.only_masked is not None and args.only_masked < 0:
         raise ValueError(f"--only-masked's padding is a number of pixels, 0 or more; got {args.only_masked}")
@@ -312,6 +320,7 @@ def infotext(parameters: Parameters, index: int, model: str, hash_: str) -> str:
         "Mask blur": p.mask_blur,
         "Inpaint area": "Only masked" if p.padding_mask_crop is not None else None,
         "Masked area padding": p.padding_mask_crop,
+        "Masked content": p.masked_content,
         "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
         "Eta": p.eta or None,
         "Batch size": per_prompt if per_prompt > 1 else None,
@@ -403,6 +412,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         mask_blur=args.mask_blur,
         paste_back=args.paste_back,
         padding_mask_crop=args.only_masked,
+        masked_content=args.masked_content,
         clip_skip=args.clip_skip,
         emphasis=args.emphasis,
         pad_prompts=args.pad_prompts,

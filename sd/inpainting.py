@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from sd.images import check_size, default_size, open_image
 from sd.models import Models
-from sd.sampling import Sampler, noise
+from sd.sampling import Sampler, noise, noise_like
 
 
 def open_mask(mask: str | Path | Image.Image, width: int, height: int) -> torch.Tensor:
@@ -84,19 +84,21 @@ def start(
     strength: float,
     generator: torch.Generator,
     latents_of: Callable[[torch.Tensor], torch.Tensor],
+    content: str = "original",
 ) -> tuple[torch.Tensor, Inpainting]:
     """The starting latents (pure noise at strength 1, else the image's latents noised to the level of step
     `first`) and the run's Inpainting. image: [1, 3, H, W] in [-1, 1]; mask: [1, 1, H, W]; latents_of: an image's
-    posterior sample at the UNet's scale (it draws from `generator`)."""
+    posterior sample at the UNet's scale (it draws from `generator`). content: what the masked region starts from
+    below strength 1 (A1111's "masked content"): "original" (diffusers'), "fill" (the surroundings' colours, before
+    encoding), "latent noise" (standard normal latents, drawn last), "latent nothing" (zero latents)."""
+    if content not in MASKED_CONTENT:
+        raise ValueError(f"masked content is one of {', '.join(MASKED_CONTENT)}; got {content!r}")
     nine = models.diffusion.cfg.in_channels > models.encoder.cfg.latent_channels
-    clean = latents_of(image).repeat(total, 1, 1, 1) if not nine or strength < 1 else None
+    source = fill(image, mask) if content == "fill" else image
+    clean = latents_of(source).repeat(total, 1, 1, 1) if not nine or strength < 1 else None
     factor = models.encoder.cfg.pixels_per_latent
     shape = (total, models.encoder.cfg.latent_channels, image.shape[2] // factor, image.shape[3] // factor)
     first_noise = noise(shape, generator, image.device, models.dtype)
-    if strength == 1:
-        x = first_noise * sampler.init_noise_sigma
-    else:
-        x = sampler.add_noise(clean, first_noise, first) if first < len(sampler.timesteps) else clean
     masked_image = image * (mask < 0.5).to(image)
     if nine:
         masked = latents_of(masked_image)
@@ -104,7 +106,32 @@ def start(
         masked = None
         noise((1, *shape[1:]), generator, image.device, models.dtype)
     latent_mask = F.interpolate(mask, size=shape[2:]).to(image)  # nearest, as diffusers
+    if strength == 1:
+        x = first_noise * sampler.init_noise_sigma
+    else:
+        begin = clean
+        if content in ("latent noise", "latent nothing"):
+            inside = noise_like(clean, generator) if content == "latent noise" else torch.zeros_like(clean)
+            begin = (1 - latent_mask) * clean + latent_mask * inside
+        x = sampler.add_noise(begin, first_noise, first) if first < len(sampler.timesteps) else begin
     return x, Inpainting(latent_mask, first_noise, None if nine else clean, masked)
+
+
+MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
+
+
+def fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image with its masked region painted in the colours around it: averages of the unmasked pixels over
+    windows from coarse to fine (a window with no unmasked pixel keeps the coarser estimate)."""
+    known = (mask < 0.5).to(image)
+    estimate = (image * known).sum(dim=(2, 3), keepdim=True) / known.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    estimate = estimate.expand_as(image)
+    for radius in (32, 8, 2):
+        window = dict(kernel_size=2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+        share = F.avg_pool2d(known, **window)
+        local = F.avg_pool2d(image * known, **window) / share.clamp(min=1e-6)
+        estimate = torch.where(share > 0, local, estimate)
+    return known * image + (1 - known) * estimate
 
 
 def paste_back(images: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, blur: int) -> torch.Tensor:

@@ -62,6 +62,7 @@ class Parameters:
     strength: float | None = None  # image-to-image only
     mask_blur: int | None = None  # inpainting only
     padding_mask_crop: int | None = None  # inpainting "only masked": the crop's padding
+    masked_content: str | None = None  # inpainting, other than "original"
     lora_hashes: dict[str, str] = field(default_factory=dict)  # the prompt's <lora:...> tags: name -> A1111's hash
 
 
@@ -107,6 +108,7 @@ def generate(
     mask_blur: int = 0,
     paste_back: bool = False,
     padding_mask_crop: int | None = None,
+    masked_content: str = "original",
 ) -> Generated:
     """Images for a prompt (or a list of prompts, `batch_size` images each).
 
@@ -127,7 +129,9 @@ def generate(
     to the image); either kind of checkpoint (sd/inpainting.py). paste_back: the original pixels outside the mask in
     the output, its edge blurred over mask_blur pixels. padding_mask_crop: inpaint only the box around the mask
     (this many pixels wider, then widened to width x height's aspect), at width x height, and paste it back into
-    the init image, which keeps its size (A1111's "only masked", diffusers' padding_mask_crop).
+    the init image, which keeps its size (A1111's "only masked", diffusers' padding_mask_crop). masked_content:
+    what the masked region starts from below strength 1, as A1111's option: "original" (diffusers'), "fill",
+    "latent noise", "latent nothing".
     """
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     negatives = (
@@ -174,7 +178,7 @@ def generate(
                     latents_of = lambda pixels: image_latents(models, pixels, generator, vae_tile)  # noqa: E731
                     mask = mask.to(device)
                     x, inpaint = inpainting.start(
-                        models, sampler, image, mask, total, start, strength, generator, latents_of
+                        models, sampler, image, mask, total, start, strength, generator, latents_of, masked_content
                     )
         if image is not None and start == steps and strength > 0 and (mask is None or mask.any()):
             message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
@@ -201,6 +205,7 @@ def generate(
         strength=None if image is None else strength,
         mask_blur=None if mask is None else mask_blur,
         padding_mask_crop=padding_mask_crop,
+        masked_content=None if masked_content == "original" else masked_content,
         lora_hashes=lora_hashes,
     )
     if output_type == "latent":
@@ -262,6 +267,11 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
         raise ValueError("padding_mask_crop inpaints the box around a mask: pass mask= (and init_image=) too")
     if options["padding_mask_crop"] is not None and options["padding_mask_crop"] < 0:
         raise ValueError(f"padding_mask_crop is a number of pixels, 0 or more; got {options['padding_mask_crop']}")
+    if options["masked_content"] not in inpainting.MASKED_CONTENT:
+        choices = ", ".join(inpainting.MASKED_CONTENT)
+        raise ValueError(f"masked_content must be one of {choices}, got {options['masked_content']!r}")
+    if options["masked_content"] != "original" and options["mask"] is None:
+        raise ValueError("masked_content applies to inpainting: pass mask= (and init_image=) too")
     if options["mask_blur"] and not options["paste_back"]:
         raise ValueError("mask_blur softens the edge where paste_back puts the original pixels back: add paste_back")
     if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels and options["mask"] is None:
@@ -294,6 +304,7 @@ ARGUMENT_TYPES = {
     "mask_blur": (Int,),
     "paste_back": (bool,),
     "padding_mask_crop": (Int, NoneType),
+    "masked_content": (str,),
 }
 TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None"}
 

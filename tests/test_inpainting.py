@@ -237,3 +237,49 @@ def test_only_masked_inpainting_matches_diffusers_padding_mask_crop(setup):
     assert difference <= 1, f"only-masked pixels differ by {difference} levels"
     outside = np.asarray(mask) == 0
     assert np.array_equal(np.asarray(ours.images[0])[outside], np.asarray(big)[outside])
+
+
+def test_filled_masked_content_makes_the_result_independent_of_what_the_mask_covers(setup):
+    models, _ = setup
+    image, mask = picture(14), rectangle_mask()
+    other = np.asarray(image).copy()
+    other[np.asarray(mask) > 0] = 0  # the same picture, black where the mask repaints
+    settings = dict(mask=mask, strength=0.6, steps=4, seed=6, output_type="latent", progress=False)
+    results = {
+        content: [generate(PROMPT, models, init_image=i, masked_content=content, **settings).images for i in pair]
+        for content, pair in (("fill", (image, Image.fromarray(other))), ("original", (image, Image.fromarray(other))))
+    }
+    assert torch.equal(*results["fill"]), "with fill, what the mask covered still shows"
+    assert not torch.equal(*results["original"]), "the control: with original content it should show"
+    assert generate(PROMPT, models, init_image=image, **settings).parameters.masked_content is None
+
+
+@pytest.mark.parametrize("content", ["latent nothing", "latent noise"])
+def test_latent_masked_content_starts_the_masked_region_from_zero_or_fresh_noise(setup, content):
+    from sd.inpainting import start
+    from sd.pipeline import image_latents
+    from sd.samplers import make_sampler
+
+    models, _ = setup
+    image, mask = image_to_tensor(picture(15), WIDTH, HEIGHT), torch.zeros(1, 1, HEIGHT, WIDTH)
+    mask[..., 16:40, 24:56] = 1  # on latent cells' edges: inside and outside are whole cells
+    sampler = make_sampler("ddim")
+    sampler.set_steps(10, 4)
+
+    def started(content):
+        generator = torch.Generator().manual_seed(8)
+        latents_of = lambda pixels: image_latents(models, pixels, generator, None)  # noqa: E731
+        return start(models, sampler, image, mask, 1, 4, 0.6, generator, latents_of, content)
+
+    (x, state), (plain, _) = started(content), started("original")
+    a = sampler.alphas_cumprod[sampler.timesteps[4]]
+    inside = state.latent_mask.bool().expand_as(x)
+    assert torch.equal(x[~inside], plain[~inside]), "outside the mask the start is the image's"
+    begin = (x - (1 - a) ** 0.5 * state.first_noise) / a**0.5
+    if content == "latent nothing":
+        assert begin[inside].abs().max() < 1e-5, "the masked region did not start from zero latents"
+    else:
+        assert (
+            0.8 < begin[inside].std() < 1.2
+            and (begin - (plain - (1 - a) ** 0.5 * state.first_noise) / a**0.5)[inside].abs().max() > 0.1
+        ), "the masked region did not start from fresh standard normal latents"
