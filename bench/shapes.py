@@ -10,13 +10,16 @@ Place and size: 45 full descriptions (every shape at every place); the share dra
 Image-to-image: 40 rendered shapes re-coloured by prompt at strength 0.6; the share that keeps the shape in place
 (IoU >= 0.6) and the share that takes the new colour, with seed 0 (as the tests) and over seeds 0, 100 and 200. The
 control asks for each shape's own colour instead.
-Inpainting: 40 scenes with a shape in the left column, the right half repainted (strength 1) from the full
-description of a new shape of another colour there; the share whose repainted half the judge reads in the new
-colour, and the share whose original shape is still read right (colour, shape, IoU >= 0.8), without and with
-paste_back.
 Samplers: the same text-to-image prompts at CFG 7.5 and 3, and the re-colouring, with each sampler at 20 steps.
 
     python bench/shapes.py --lora weights/heart.safetensors [--shape heart]
+
+    python bench/shapes.py --inpainting [MORE_CHECKPOINTS ...]
+
+Inpainting (only this table), with the built-in model and any inpainting variants named: 40 scenes with a shape in
+the left column, the right half repainted (strength 1) from the full description of a new shape of another colour
+there; the share whose repainted half the judge reads in the new colour, and the share whose original shape is still
+read right (colour, shape, IoU >= 0.8), without and with paste_back.
 
 A LoRA that teaches the model a shape it never saw (only this table): how often the judge, choosing among all the
 shapes it knows, reads that shape in 32 images (16 prompts asking for it, seeds 0 and 1) at LoRA strengths 0 to 1;
@@ -77,7 +80,13 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, help="default: the built-in model")
     parser.add_argument("--lora", type=Path, help="judge this LoRA's new shape instead (only that table)")
     parser.add_argument("--shape", default="heart", help="the shape the LoRA teaches (default heart)")
+    parser.add_argument(
+        "--inpainting", nargs="*", type=Path, help="judge inpainting instead (only that table), also with these models"
+    )
     args = parser.parse_args()
+    if args.inpainting is not None:
+        inpainting_table([args.ckpt, *args.inpainting])
+        return
     models = load_models(args.ckpt)
     if args.lora:
         lora_table(models, args.lora, args.shape)
@@ -104,21 +113,13 @@ def main() -> None:
     ):
         kept = f"{pct(scores['in place'])} (both: {pct(scores['both'])})"
         rows.append(row(f"image-to-image, strength 0.6, {label}", seconds, colour=pct(scores["new colour"]), kept=kept))
-    for label, paste in (("", False), (", paste_back", True)):
-        scores, seconds = timed(evaluate_inpainting, models, paste_back=paste)
-        rows.append(
-            row(
-                f"inpainting the right half{label}", seconds, colour=pct(scores["new colour"]), kept=pct(scores["kept"])
-            )
-        )
     write_table(
         "shapes",
         f"Built-in shapes model ({models.source}): the judge's verdicts",
         ["task", *COLUMNS.values(), "seconds"],
         rows,
         [
-            "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%;"
-            " inpainting: new colour >= 80%, the original shape kept >= 90%.",
+            "Targets: colour >= 90% and shape >= 80% at CFG 7.5; re-colouring: new colour and in place >= 80%.",
             "Place and size have no target; chance is 11% and 33%.",
         ],
     )
@@ -184,6 +185,25 @@ def lora_table(models, path: Path, shape: str) -> None:
             " evaluation's (the model's own five shapes). Targets: >= 80% drawn at strength 1 and <= 10% without;"
             " the 80 prompts' scores within 5 points of the model's own at strength 0 and removed.",
         ],
+    )
+
+
+def inpainting_table(checkpoints: list[Path | None]) -> None:
+    rows = []
+    for path in checkpoints:
+        models = load_models(path)
+        name = "built-in" if path is None else path.name
+        for paste in (False, True):
+            scores, seconds = timed(evaluate_inpainting, models, paste_back=paste)
+            channels = models.diffusion.cfg.in_channels
+            label = f"{name} ({channels}-channel UNet){', paste_back' if paste else ''}"
+            rows.append([label, pct(scores["new colour"]), pct(scores["kept"]), seconds])
+    write_table(
+        "shapes-inpainting",
+        "Inpainting the right half of 40 shapes scenes with a new shape",
+        ["model", "new colour in the repainted half", "original shape kept", "seconds"],
+        rows,
+        ["Targets: new colour >= 80%, the original shape kept (colour, shape, IoU >= 0.8) >= 90%."],
     )
 
 

@@ -164,21 +164,13 @@ def generate(
         if image is None:
             x = initial_noise(models, sampler, total, width, height, latents, generator, device)
         else:
-            image = image.to(device, models.dtype)
+            image, mask = image.to(device, models.dtype), None if mask is None else mask.to(device)
             with placed(models.encoder, device):
                 if mask is None:
                     x = noised_image(models, sampler, image, total, start, generator, vae_tile)
-                elif not mask.any():
-                    warnings.warn(
-                        "the mask is all black, nothing to repaint: the init image comes back as the VAE reproduces it",
-                        stacklevel=3,
-                    )
-                    x, start = image_latents(models, image, generator, vae_tile).repeat(total, 1, 1, 1), steps
                 else:
-                    latents_of = lambda pixels: image_latents(models, pixels, generator, vae_tile)  # noqa: E731
-                    mask = mask.to(device)
-                    x, inpaint = inpainting.start(
-                        models, sampler, image, mask, total, start, strength, generator, latents_of, masked_content
+                    x, start, inpaint = masked_start(
+                        models, sampler, image, mask, total, start, strength, generator, vae_tile, masked_content
                     )
         if image is not None and start == steps and strength > 0 and (mask is None or mask.any()):
             message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
@@ -374,6 +366,20 @@ def noised_image(
     step `start` (no noise when no step is left to take)."""
     x0 = image_latents(models, image, generator, vae_tile).repeat(total, 1, 1, 1)
     return sampler.add_noise(x0, noise_like(x0, generator), start) if start < len(sampler.timesteps) else x0
+
+
+def masked_start(
+    models: Models, sampler: Sampler, image, mask, total: int, start: int, strength: float, generator, vae_tile, content
+) -> tuple[torch.Tensor, int, inpainting.Inpainting | None]:
+    """Inpainting's start (sd/inpainting.py): the starting latents, the step sampling starts at, and what the
+    sampling stage needs; an all-black mask leaves nothing to repaint, so the image's own latents and no step."""
+    latents_of = lambda pixels: image_latents(models, pixels, generator, vae_tile)  # noqa: E731
+    if not mask.any():
+        message = "the mask is all black, nothing to repaint: the init image comes back as the VAE reproduces it"
+        warnings.warn(message, stacklevel=4)
+        return latents_of(image).repeat(total, 1, 1, 1), len(sampler.timesteps), None
+    x, inpaint = inpainting.start(models, sampler, image, mask, total, start, strength, generator, latents_of, content)
+    return x, start, inpaint
 
 
 def denoise(

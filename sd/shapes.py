@@ -119,9 +119,12 @@ def coverage(shape: str, center: tuple[float, float], side: float) -> np.ndarray
     return np.asarray(big.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255
 
 
-def render(scene: Scene) -> Image.Image:
-    alpha = coverage(scene.shape, scene.center, scene.side)[..., None]
-    pixels = alpha * np.array(COLOURS[scene.colour]) + (1 - alpha) * np.array(COLOURS[scene.background])
+def render(scene: Scene, *more: Scene) -> Image.Image:
+    """The scene; with `more`, their shapes drawn over it too, in order (the first scene's background)."""
+    pixels = np.broadcast_to(np.array(COLOURS[scene.background], dtype=np.float64), (SIZE, SIZE, 3))
+    for shape in (scene, *more):
+        alpha = coverage(shape.shape, shape.center, shape.side)[..., None]
+        pixels = alpha * np.array(COLOURS[shape.colour]) + (1 - alpha) * pixels
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
@@ -428,3 +431,47 @@ def evaluate_inpainting(models, strength: float = 1.0, seed: int = 0, **kwargs) 
         colour, shape, found = judge(Image.fromarray(pixels))
         kept.append((colour, shape) == (scene.colour, scene.shape) and iou(found, foreground(source)) >= 0.8)
     return {"new colour": float(np.mean(painted)), "kept": float(np.mean(kept))}
+
+
+def inpainting_sample(rng: np.random.Generator) -> tuple[Scene, Scene | None, np.ndarray]:
+    """A training sample for an inpainting model: (scene, second shape or None, mask [64, 64] bool, True: repaint).
+    Half the samples hold two shapes on opposite sides (left and right, or top and bottom), the second one's half
+    masked: what a prompt for a new shape in an empty region asks. The others hold one shape under a box that covers
+    it (40%), the whole image (30%: text-to-image) or a box anywhere (30%)."""
+    scene = random_scene(rng)
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    if rng.random() < 0.5:
+        vertical = rng.random() < 0.5  # the line between the halves
+        here, there = (0, 2) if rng.random() < 0.5 else (2, 0)
+        lines = ("top", "middle", "bottom") if vertical else ("left", "center", "right")
+        sides = ("left", "right") if vertical else ("top", "bottom")
+
+        def place(side: int) -> str:
+            line, end = str(rng.choice(lines)), sides[side // 2]
+            return f"{line} {end}" if vertical else f"{end} {line}"
+
+        small = ("small", "medium")
+        first = replace(scene, place=place(here), size=str(rng.choice(small)))
+        colour = str(rng.choice([c for c in COLOURS if c != scene.background]))
+        second = replace(random_scene(rng), colour=colour, background=scene.background, place=place(there))
+        second = replace(second, size=str(rng.choice(small)))
+        half = slice(SIZE // 2 + 2, None) if there == 2 else slice(None, SIZE // 2 - 2)
+        if vertical:
+            mask[:, half] = True
+        else:
+            mask[half, :] = True
+        return first, second, mask
+    kind = rng.random()
+    if kind < 0.3:
+        mask[:] = True
+        return scene, None, mask
+    (x, y), r = scene.center, scene.side / 2 + 2
+    if kind < 0.7:  # a box over the shape, a few pixels larger on each side
+        grow = rng.integers(0, 12, size=4)
+        top, left = int(max(y - r - grow[0], 0)), int(max(x - r - grow[1], 0))
+        bottom, right = int(min(y + r + grow[2], SIZE)), int(min(x + r + grow[3], SIZE))
+    else:
+        top, left = (int(v) for v in rng.integers(0, SIZE - 16, size=2))
+        bottom, right = top + int(rng.integers(16, SIZE - top + 1)), left + int(rng.integers(16, SIZE - left + 1))
+    mask[top:bottom, left:right] = True
+    return scene, None, mask

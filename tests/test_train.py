@@ -481,3 +481,48 @@ def test_distributed_data_parallel_averages_the_shares_into_the_whole_batchs_gra
     scale = max(g.abs().max().item() for g in alone)
     worst = max((a - b).abs().max().item() for a, b in zip(alone, shared))
     assert worst < 1e-9 * scale, f"2 processes' gradient differs from 1's by up to {worst:.2e} (largest {scale:.2e})"
+
+
+def test_widening_a_unet_for_inpainting_leaves_what_it_computes_unchanged():
+    from sd.train.cli import widen_for_inpainting
+
+    models = fresh_models(TINY_CONFIGS, torch.device("cpu"))
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, models.clip.cfg.width)
+    with torch.no_grad():
+        torch.nn.init.normal_(models.diffusion.out[2].weight)  # a fresh UNet's output layer is zero: no test
+        before = models.diffusion(latents, torch.tensor([10, 700]), context)
+        widen_for_inpainting(models)
+        extra = torch.randn(2, 5, 8, 8)
+        after = models.diffusion(torch.cat([latents, extra], dim=1), torch.tensor([10, 700]), context)
+    assert models.diffusion.cfg.in_channels == 9
+    assert torch.equal(before, after), "the widened UNet computes something else"
+
+
+def test_inpainting_fine_tuning_trains_the_new_inputs_of_a_nine_channel_unet(tmp_path):
+    from sd.pipeline import generate
+    from sd.shapes import random_scene, render
+
+    start = tmp_path / "start.safetensors"
+    export(fresh_models(TINY_CONFIGS, torch.device("cpu")), start, "test", dtype=torch.float32)
+    out = tmp_path / "inpainting.safetensors"
+    argv = ["--data", "shapes", "--init", str(start), "--inpainting", "--run-dir", str(tmp_path / "run")]
+    assert main([*argv, "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--export", str(out)]) == 0
+    tuned = load_models(out)
+    assert tuned.diffusion.cfg.in_channels == 9
+    assert tuned.diffusion.input_blocks[0][0].weight[:, 4:].abs().max() > 0, "the mask's inputs learned nothing"
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    source = render(random_scene(np.random.default_rng(0)))
+    out = generate("a red circle", tuned, init_image=source, mask=mask, steps=2, progress=False)
+    assert out.images[0].size == (64, 64)
+
+
+def test_inpainting_batches_hold_masks_and_say_what_is_under_them():
+    from sd.train.data import InpaintingShapes
+
+    images, captions, masks = InpaintingShapes().batch(np.random.default_rng(3), 16)
+    assert images.shape == (16, 3, 64, 64) and masks.shape == (16, 1, 64, 64) and len(captions) == 16
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and (masks.flatten(1).sum(1) > 0).all()
+    whole = InpaintingShapes().batch(np.random.default_rng(3), 16)
+    half = InpaintingShapes().batch(np.random.default_rng(3), 16, slice(8, 16))
+    assert torch.equal(half[0], whole[0][8:]) and half[1] == whole[1][8:] and torch.equal(half[2], whole[2][8:])

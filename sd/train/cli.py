@@ -1,6 +1,7 @@
 """`python -m sd.train ...`: the command line that builds the models and data and runs the stages."""
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch import nn
 
 from sd.autoencoder import VAEConfig
 from sd.clip import CLIPConfig
@@ -21,7 +23,7 @@ from sd.models import Models, networks
 from sd.native import native_metadata
 from sd.shapes import SHAPES, UNSEEN_SHAPES
 from sd.tokenizer import default_tokenizer
-from sd.train.data import FolderData, ShapesData
+from sd.train.data import FolderData, InpaintingShapes, ShapesData
 from sd.train.lora import TARGETS
 from sd.train.trainer import Settings, Trainer, normalise_latents
 
@@ -46,6 +48,23 @@ def fresh_models(configs: dict, device: torch.device) -> Models:
     with torch.device(device):
         nets = networks(configs)
     return Models(default_tokenizer(), **nets, source="from scratch", format="fresh")
+
+
+def widen_for_inpainting(models: Models) -> None:
+    """The UNet made an inpainting one (9 input channels: latents, mask, masked image's latents), computing what it
+    computed: the new channels' conv_in weights start at zero (as SD v1.5 inpainting was started from SD v1.2)."""
+    unet = models.diffusion
+    if unet.cfg.in_channels != models.encoder.cfg.latent_channels:
+        return
+    old = unet.input_blocks[0][0]
+    extra = 1 + models.encoder.cfg.latent_channels
+    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, padding=old.padding).to(old.weight)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.input_blocks[0][0] = new
+    unet.cfg = dataclasses.replace(unet.cfg, in_channels=new.in_channels)
 
 
 def export(models: Models, path: Path, command: str, dtype: torch.dtype = torch.float16) -> None:
@@ -168,6 +187,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="attn",
         help="the UNet layers that get adapters: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items()),
     )
+    p.add_argument(
+        "--inpainting",
+        action="store_true",
+        help="fine-tune --init into an inpainting model (9-channel UNet: the mask and the masked image's latents as "
+        "extra inputs, their weights starting at zero) on the shapes world with masks (sd.shapes.inpainting_sample)",
+    )
     p.add_argument("--image-size", type=int, default=512, help="folder data: the square side (default 512)")
     p.add_argument(
         "--train-text-encoder",
@@ -200,6 +225,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--lora-rank trains the diffusion stage only")
         if args.lora_rank < 0:
             p.error(f"--lora-rank must be a positive whole number; got {args.lora_rank}")
+        args.init = args.init or DEFAULT_CHECKPOINT
+    if args.inpainting:
+        if args.data != "shapes" or args.recolour or args.latent_pool or args.lora_rank or args.stage == "vae":
+            p.error("--inpainting fine-tunes the UNet on --data shapes; without --recolour, --latent-pool, --lora-rank")
         args.init = args.init or DEFAULT_CHECKPOINT
     return args
 
@@ -234,13 +263,17 @@ def run(args: argparse.Namespace, argv: list[str] | None, device: torch.device, 
         stages = [args.stage or "diffusion"]
     if args.recolour and args.data != "shapes":
         raise ValueError("--recolour needs --data shapes: a folder of images has no re-coloured copies")
-    if args.data == "shapes":
+    if args.inpainting:
+        data = InpaintingShapes()
+    elif args.data == "shapes":
         data = ShapesData(args.recolour, tuple(args.shapes))
     else:
         data = FolderData(Path(args.data), args.image_size)
     configs = SHAPES_CONFIGS if args.configs == "shapes" else TINY_CONFIGS
     models = load_models(args.init, device=device) if fine_tuning else fresh_models(configs, device)
     models.image_size = data.image_size
+    if args.inpainting:
+        widen_for_inpainting(models)
     args.run.mkdir(parents=True, exist_ok=True)
     command = "python -m sd.train " + " ".join(sys.argv[1:] if argv is None else argv)
     if fine_tuning and models.command and not args.lora_rank:
@@ -272,6 +305,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, device: torch.device, 
                 lora_rank=args.lora_rank,
                 lora_alpha=args.lora_alpha,
                 lora_targets=args.lora_targets,
+                inpainting=args.inpainting,
             )
             # the autoencoder never sees re-coloured sources: stage 1 is the same whatever --recolour is
             stage_data = ShapesData(shapes=tuple(args.shapes)) if stage == "vae" and args.data == "shapes" else data

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sd.shapes import SHAPES, UNSEEN_SHAPES, caption, random_scene, recoloured, render
+from sd.shapes import SHAPES, UNSEEN_SHAPES, caption, inpainting_sample, random_scene, recoloured, render
 
 EVERYTHING = slice(None)
 
@@ -50,6 +50,24 @@ class ShapesData:
     @staticmethod
     def draw(scenes) -> torch.Tensor:
         return to_tensor(np.stack([np.asarray(render(scene)) for scene in scenes]))
+
+
+class InpaintingShapes:
+    """The shapes world for training an inpainting model (sd.shapes.inpainting_sample): `batch` returns (images,
+    captions, masks [n, 1, 64, 64], 1: repaint); a caption says what is under the mask (the second shape where
+    there are two)."""
+
+    image_size = 64
+
+    def batch(
+        self, rng: np.random.Generator, n: int, share: slice = EVERYTHING
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        samples = [inpainting_sample(rng) for _ in range(n)]
+        captions = [caption(second or first, rng) for first, second, _ in samples]
+        chosen = samples[share]
+        images = to_tensor(np.stack([np.asarray(render(a, *([b] if b else []))) for a, b, _ in chosen]))
+        masks = torch.from_numpy(np.stack([mask for _, _, mask in chosen])[:, None]).float()
+        return images, captions[share], masks
 
 
 class LatentPool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
@@ -57,6 +58,7 @@ class Settings:
     lora_rank: int = 0  # diffusion: train LoRA adapters of this rank on the frozen model; 0: the weights themselves
     lora_alpha: float | None = None  # None: the rank (scale 1)
     lora_targets: str = "attn"  # a key of sd.train.lora.TARGETS
+    inpainting: bool = False  # a 9-channel UNet, on data whose batches carry masks (InpaintingShapes)
 
 
 class Denoiser(nn.Module):
@@ -67,10 +69,13 @@ class Denoiser(nn.Module):
         super().__init__()
         self.clip, self.diffusion, self.adapters, self.text_grad = models.clip, models.diffusion, adapters, text_grad
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """extra: an inpainting UNet's further input channels (the mask, the masked image's latents)."""
         with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
             context = self.clip(tokens)
-        return self.diffusion(z_t, t, context)
+        return self.diffusion(z_t if extra is None else torch.cat([z_t, extra.to(z_t)], dim=1), t, context)
 
 
 class Autoencoder(nn.Module):
@@ -224,10 +229,13 @@ class Trainer:
         eps = self.noise(z0.shape).to(z0)
         z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
         target = eps
-        if sources is not None:
+        extra = None
+        if self.settings.inpainting:  # sources: the condition (see diffusion_batch)
+            extra = torch.cat([sources[:, :1], self.sample_latents(sources[:, 1:])], dim=1)
+        elif sources is not None:
             z_t, target = self.edited(z_t, eps, z0, moments, sources, a, ~dropped.to(self.device))
         tokens = self.models.tokenizer(captions).to(self.device)
-        error = (self.step_module(z_t, t, tokens).to(target.dtype) - target).pow(2).mean(dim=(1, 2, 3))
+        error = (self.step_module(z_t, t, tokens, extra).to(target.dtype) - target).pow(2).mean(dim=(1, 2, 3))
         return (self.loss_weights(t) * error).mean()
 
     def whole(self, share: int) -> tuple[int, slice]:
@@ -249,8 +257,13 @@ class Trainer:
 
     def diffusion_batch(self, images: torch.Tensor, captions: list[str], sources: torch.Tensor | None) -> tuple:
         """A data batch's (moments, captions, source moments or None); a source is encoded only where it differs
-        from its image."""
+        from its image. Inpainting: `sources` are the masks [B, 1, H, W], and the third part is the condition [B, 9,
+        h, w]: the mask at latent size (nearest, as the pipeline's) and the masked image's posterior moments."""
         moments = self.moments(images)
+        if self.settings.inpainting:
+            masked = self.moments(images * (sources < 0.5))
+            small = F.interpolate(sources.to(masked), size=masked.shape[2:])
+            return moments, captions, torch.cat([small, masked], dim=1)
         if sources is None:
             return moments, captions, None
         changed = (sources != images).flatten(1).any(dim=1)
