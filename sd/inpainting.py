@@ -27,6 +27,29 @@ from sd.models import Models
 from sd.sampling import Sampler, noise, noise_like
 
 
+def check_options(options: dict) -> None:
+    """generate()'s inpainting arguments, checked before any work: a ValueError naming the one that is wrong."""
+    mask = options["mask"]
+    if mask is not None and options["init_image"] is None:
+        raise ValueError("a mask marks what to repaint in an init image: pass init_image= too")
+    if options["mask_blur"] < 0:
+        raise ValueError(f"mask_blur is a number of pixels, 0 or more; got {options['mask_blur']}")
+    if (options["mask_blur"] or options["paste_back"]) and mask is None:
+        raise ValueError("mask_blur and paste_back apply to inpainting: pass mask= (and init_image=) too")
+    padding = options["padding_mask_crop"]
+    if padding is not None and mask is None:
+        raise ValueError("padding_mask_crop inpaints the box around a mask: pass mask= (and init_image=) too")
+    if padding is not None and padding < 0:
+        raise ValueError(f"padding_mask_crop is a number of pixels, 0 or more; got {padding}")
+    content = options["masked_content"]
+    if content not in MASKED_CONTENT:
+        raise ValueError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got {content!r}")
+    if content != "original" and mask is None:
+        raise ValueError("masked_content applies to inpainting: pass mask= (and init_image=) too")
+    if options["mask_blur"] and not options["paste_back"]:
+        raise ValueError("mask_blur softens the edge where paste_back puts the original pixels back: add paste_back")
+
+
 def open_mask(mask: str | Path | Image.Image, width: int, height: int) -> torch.Tensor:
     """[1, 1, height, width], 1 where to repaint: the mask's grey levels (any mode), resized to the image (Lanczos)
     and cut at one half, as diffusers' mask processor does."""

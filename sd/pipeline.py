@@ -247,25 +247,9 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {options['output_type']!r}")
     if options["device"] is not None:
         check_device(torch.device(options["device"]))
-    if options["mask"] is not None and options["init_image"] is None:
-        raise ValueError("a mask marks what to repaint in an init image: pass init_image= too")
     if options["init_image"] is not None and options["latents"] is not None:
         raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
-    if options["mask_blur"] < 0:
-        raise ValueError(f"mask_blur is a number of pixels, 0 or more; got {options['mask_blur']}")
-    if (options["mask_blur"] or options["paste_back"]) and options["mask"] is None:
-        raise ValueError("mask_blur and paste_back apply to inpainting: pass mask= (and init_image=) too")
-    if options["padding_mask_crop"] is not None and options["mask"] is None:
-        raise ValueError("padding_mask_crop inpaints the box around a mask: pass mask= (and init_image=) too")
-    if options["padding_mask_crop"] is not None and options["padding_mask_crop"] < 0:
-        raise ValueError(f"padding_mask_crop is a number of pixels, 0 or more; got {options['padding_mask_crop']}")
-    if options["masked_content"] not in inpainting.MASKED_CONTENT:
-        choices = ", ".join(inpainting.MASKED_CONTENT)
-        raise ValueError(f"masked_content must be one of {choices}, got {options['masked_content']!r}")
-    if options["masked_content"] != "original" and options["mask"] is None:
-        raise ValueError("masked_content applies to inpainting: pass mask= (and init_image=) too")
-    if options["mask_blur"] and not options["paste_back"]:
-        raise ValueError("mask_blur softens the edge where paste_back puts the original pixels back: add paste_back")
+    inpainting.check_options(options)
     if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels and options["mask"] is None:
         raise ValueError("an inpainting checkpoint needs an init image and a mask (init_image= and mask=)")
 
