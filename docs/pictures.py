@@ -10,21 +10,18 @@ from pathlib import Path
 
 from PIL import Image
 
+from sd.cli import grid
 from sd.lora import load_lora
 from sd.model_loader import load_models
 from sd.pipeline import generate
-from sd.shapes import SIZE, describe, draw, inpainting_cases, render, right_half_mask, unseen_shape_prompts
+from sd.shapes import describe, draw, inpainting_cases, render, right_half_mask, unseen_shape_prompts
 
 DOCS = Path(__file__).resolve().parent
 HEART = DOCS.parent / "weights" / "heart.safetensors"
 
 
-def grid(rows: list[list[Image.Image]]) -> Image.Image:
-    sheet = Image.new("RGB", (SIZE * len(rows[0]), SIZE * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image, (c * SIZE, r * SIZE))
-    return sheet
+def rows_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    return grid([image for row in rows for image in row], columns=len(rows[0]))
 
 
 def heart_lora() -> None:
@@ -34,7 +31,7 @@ def heart_lora() -> None:
     lora = load_lora(models, HEART)
     with_lora = draw(models, prompts, seed=0)
     lora.remove()
-    grid([without, with_lora]).save(DOCS / "heart-lora.png")
+    rows_grid([without, with_lora]).save(DOCS / "heart-lora.png")
 
 
 def inpainting() -> None:
@@ -46,7 +43,7 @@ def inpainting() -> None:
             describe(new), models, init_image=source, mask=mask, strength=1.0, seed=k, paste_back=True, progress=False
         ).images
         rows.append([source, mask.convert("RGB"), image])
-    grid(rows).save(DOCS / "inpainting.png")
+    rows_grid(rows).save(DOCS / "inpainting.png")
 
 
 if __name__ == "__main__":

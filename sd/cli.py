@@ -355,8 +355,9 @@ def save_png(image: Image.Image, folder: Path, suffix: str, info: str) -> Path:
         tmp.unlink(missing_ok=True)
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
-    columns = math.ceil(math.sqrt(len(images)))
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """The images in rows of `columns` (default: as square a sheet as they make), left to right."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
     sheet = Image.new("RGB", (columns * width, rows * height))

@@ -114,8 +114,6 @@ def start(
     posterior sample at the UNet's scale (it draws from `generator`). content: what the masked region starts from
     below strength 1 (A1111's "masked content"): "original" (diffusers'), "fill" (the surroundings' colours, before
     encoding), "latent noise" (standard normal latents, drawn last), "latent nothing" (zero latents)."""
-    if content not in MASKED_CONTENT:
-        raise ValueError(f"masked content is one of {', '.join(MASKED_CONTENT)}; got {content!r}")
     nine = models.diffusion.cfg.in_channels > models.encoder.cfg.latent_channels
     source = fill(image, mask) if content == "fill" else image
     clean = latents_of(source).repeat(total, 1, 1, 1) if not nine or strength < 1 else None
@@ -199,16 +197,27 @@ def widened(low: int, high: int, more: int, size: int) -> tuple[int, int]:
     return low, min(high, size)
 
 
-def fill_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The image scaled (Lanczos) to fit width x height with its aspect ratio, centred, and the bands left over
-    filled by stretching its edge rows or columns (diffusers' resize_mode "fill")."""
+def centred(image: Image.Image, width: int, height: int, cover: bool) -> tuple[Image.Image, Image.Image, int, int]:
+    """The image scaled (Lanczos, aspect kept) to fit inside width x height, or with `cover` to cover it, pasted
+    centred on a black width x height canvas: (canvas, scaled image, its left, its top), as diffusers' resize modes
+    "fill" and "crop" compute them."""
     ratio, own = width / height, image.width / image.height
-    w = width if own > ratio else image.width * height // image.height
-    h = height if own <= ratio else image.height * width // image.width
+    by_width = own < ratio if cover else own > ratio
+    w = width if by_width else image.width * height // image.height
+    h = image.height * width // image.width if by_width else height
     resized = image.resize((w, h), Image.LANCZOS)
     out = Image.new("RGB", (width, height))
     left, top = width // 2 - w // 2, height // 2 - h // 2
     out.paste(resized, (left, top))
+    return out, resized, left, top
+
+
+def fill_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image scaled to fit width x height, centred, and the bands left over filled by stretching its edge rows
+    or columns (diffusers' resize_mode "fill")."""
+    out, resized, left, top = centred(image, width, height, cover=False)
+    w, h = resized.size
+    ratio, own = width / height, image.width / image.height
     if own > ratio and top > 0:  # bands above and below
         out.paste(resized.resize((width, top), box=(0, 0, width, 0)), (0, 0))
         out.paste(resized.resize((width, top), box=(0, h, width, h)), (0, top + h))
@@ -219,14 +228,8 @@ def fill_resize(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def crop_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The image scaled (Lanczos) to cover width x height with its aspect ratio, centred, the overflow cut off
-    (diffusers' resize_mode "crop")."""
-    taller = image.width / image.height < width / height
-    w = width if taller else image.width * height // image.height
-    h = height if not taller else image.height * width // image.width
-    out = Image.new("RGB", (width, height))
-    out.paste(image.resize((w, h), Image.LANCZOS), (width // 2 - w // 2, height // 2 - h // 2))
-    return out
+    """The image scaled to cover width x height, centred, the overflow cut off (diffusers' resize_mode "crop")."""
+    return centred(image, width, height, cover=True)[0]
 
 
 def overlay(mask: Image.Image, original: Image.Image, generated: Image.Image, box) -> Image.Image:

@@ -242,15 +242,24 @@ def judge(image: Image.Image, shapes: tuple[str, ...] = SHAPES) -> tuple[str, st
 NAMES = list(COLOURS)
 
 
+def backgrounds(colour: str) -> tuple[str, str]:
+    """The two backgrounds an evaluation prompt puts a colour on."""
+    i = NAMES.index(colour)
+    return NAMES[(i + 1) % len(NAMES)], NAMES[(i + 4) % len(NAMES)]
+
+
+def prompt_for(colour: str, shape: str, background: str) -> str:
+    return f"{article(colour)} {colour} {shape} on {article(background)} {background} background"
+
+
 def evaluation_prompts() -> list[tuple[str, str, str]]:
     """80 (prompt, colour, shape): every colour with every shape, each on two backgrounds."""
-    cases = []
-    for i, colour in enumerate(NAMES):
-        for shape in SHAPES:
-            for background in (NAMES[(i + 1) % len(NAMES)], NAMES[(i + 4) % len(NAMES)]):
-                prompt = f"{article(colour)} {colour} {shape} on {article(background)} {background} background"
-                cases.append((prompt, colour, shape))
-    return cases
+    return [
+        (prompt_for(colour, shape, background), colour, shape)
+        for colour in NAMES
+        for shape in SHAPES
+        for background in backgrounds(colour)
+    ]
 
 
 def draw(models, prompts: list[str], **kwargs) -> list[Image.Image]:
@@ -357,11 +366,7 @@ def evaluate_recolouring(
 
 def unseen_shape_prompts(shape: str) -> list[str]:
     """16 prompts for a shape: every colour, each on two backgrounds."""
-    return [
-        f"{article(colour)} {colour} {shape} on {article(background)} {background} background"
-        for i, colour in enumerate(NAMES)
-        for background in (NAMES[(i + 1) % len(NAMES)], NAMES[(i + 4) % len(NAMES)])
-    ]
+    return [prompt_for(colour, shape, background) for colour in NAMES for background in backgrounds(colour)]
 
 
 def evaluate_unseen_shape(models, shape: str = "heart", seeds=(0, 1), cfg_scale: float = 7.5, **kwargs) -> float:

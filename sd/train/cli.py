@@ -225,10 +225,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--lora-rank trains the diffusion stage only")
         if args.lora_rank < 0:
             p.error(f"--lora-rank must be a positive whole number; got {args.lora_rank}")
-        args.init = args.init or DEFAULT_CHECKPOINT
     if args.inpainting:
         if args.data != "shapes" or args.recolour or args.latent_pool or args.lora_rank or args.stage == "vae":
             p.error("--inpainting fine-tunes the UNet on --data shapes; without --recolour, --latent-pool, --lora-rank")
+    if args.lora_rank or args.inpainting:  # both change a trained model: by default the built-in one
         args.init = args.init or DEFAULT_CHECKPOINT
     return args
 

@@ -74,13 +74,14 @@ class Adapters(nn.Module):
         if text_encoder:
             te = [p for p, m in models.clip.named_modules() if isinstance(m, nn.Linear) and p.startswith("encoder.")]
             names |= {("clip", p): "lora_te_text_model_" + p for p in te}
+        names = {key: name.replace(".", "_") for key, name in names.items()}  # kohya's names: no dots
         nets = {"diffusion": models.diffusion, "clip": models.clip}
         generator = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleDict()
         adapted = []
         for (network, path), name in names.items():
             module = nets[network].get_submodule(path)
-            adapter = self.layers[name.replace(".", "_")] = Adapter(module, rank, generator)
+            adapter = self.layers[name] = Adapter(module, rank, generator)
             adapted.append(Layer(network, path, module, adapter.down, adapter.up, self.alpha / rank))
         self.lora = LoRA(models, adapted, "runtime", 1.0, 1.0)
         self.lora.attach()

@@ -101,7 +101,7 @@ class Trainer:
         n = settings.batch_size
         if n % self.world:
             raise ValueError(f"a batch of {n} does not split evenly over {self.world} processes")
-        self.share = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        self.share = self.whole(n // self.world)[1]
         for net in models.named().values():
             net.requires_grad_(False).eval()
         self.adapters, s = None, settings
