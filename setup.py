@@ -25,6 +25,8 @@ setup(
             "ftfy==6.3.1",
             "scipy==1.17.1",  # diffusers' LMS scheduler integrates with it
             "peft==0.21.2",  # diffusers' load_lora_weights needs it
+            "tomesd==0.1.3",  # token merging's reference
+            "DeepCache==0.1.1",  # DeepCache's reference (its DeepCacheSDHelper)
         ],
     },
 )

@@ -21,12 +21,26 @@ the left column, the right half repainted (strength 1) from the full description
 there; the share whose repainted half the judge reads in the new colour, and the share whose original shape is still
 read right (colour, shape, IoU >= 0.8), without and with paste_back.
 
+    python bench/shapes.py --speedups
+
+What each speed-up costs in quality (only this table): the text-to-image and re-colouring scores with DeepCache at
+several intervals and token merging (the built-in UNet has no attention at its top level, where ToMe merges by
+default, so it is also measured one level down), against the plain UNet, with the seconds each evaluation took.
+
+    python bench/shapes.py --study
+
+The study tools on the built-in model (only these tables): where the word heat maps land (40 prompts, every colour
+with every shape: how often the hottest pixels of the shape word's map, as many as the judge's foreground mask has,
+overlap that mask with IoU >= 0.5, and of the background colour word's map), by preset, resolution and layer; and
+the 80 text-to-image prompts' scores with each cross-attention layer ablated (every head switched off).
+
 A LoRA that teaches the model a shape it never saw (only this table): how often the judge, choosing among all the
 shapes it knows, reads that shape in 32 images (16 prompts asking for it, seeds 0 and 1) at LoRA strengths 0 to 1;
 and the 80 text-to-image prompts' scores with the LoRA at strength 0, 1 and removed.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -36,16 +50,19 @@ sys.path.insert(0, str(ROOT))
 
 from common import write_table  # noqa: E402
 
+from sd import study  # noqa: E402
 from sd.lora import load_lora  # noqa: E402
 from sd.model_loader import load_models  # noqa: E402
 from sd.samplers import SAMPLERS  # noqa: E402
 from sd.shapes import (  # noqa: E402
+    evaluate_heat_maps,
     evaluate_inpainting,
     evaluate_placement,
     evaluate_recolouring,
     evaluate_text_to_image,
     evaluate_unseen_shape,
 )
+from sd.tome import token_merging  # noqa: E402
 
 COLUMNS = {
     "colour": "colour right",
@@ -83,7 +100,15 @@ def main() -> None:
     parser.add_argument(
         "--inpainting", nargs="*", type=Path, help="judge inpainting instead (only that table), also with these models"
     )
+    parser.add_argument("--study", action="store_true", help="heat maps and ablations instead (only those tables)")
+    parser.add_argument("--speedups", action="store_true", help="DeepCache and ToMe's quality instead (only that)")
     args = parser.parse_args()
+    if args.speedups:
+        speedup_table(load_models(args.ckpt))
+        return
+    if args.study:
+        study_tables(load_models(args.ckpt))
+        return
     if args.inpainting is not None:
         inpainting_table([args.ckpt, *args.inpainting])
         return
@@ -204,6 +229,81 @@ def inpainting_table(checkpoints: list[Path | None]) -> None:
         ["model", "new colour in the repainted half", "original shape kept", "seconds"],
         rows,
         ["Targets: new colour >= 80%, the original shape kept (colour, shape, IoU >= 0.8) >= 90%."],
+    )
+
+
+def speedup_table(models) -> None:
+    settings = [("plain UNet", {}, 0)]
+    settings += [(f"DeepCache N={n}", {"deepcache": n}, 0) for n in (2, 3, 5)]
+    settings += [("ToMe 0.5 (top level: no attention there, no change)", {"tome": 0.5}, 0)]
+    settings += [
+        ("ToMe 0.5 on the top two levels", {}, 1),
+        ("ToMe 0.5 on the top two levels + DeepCache N=3", {"deepcache": 3}, 1),
+    ]
+    rows = []
+    for label, options, level in settings:
+        merging = token_merging(models.diffusion, 0.5, max_level=level) if level else contextlib.nullcontext()
+        with merging:
+            drawn, seconds = timed(evaluate_text_to_image, models, **options)
+            edited, more = timed(evaluate_recolouring, models, **options)
+        seconds = f"{float(seconds) + float(more):.1f}"
+        kept = f"{pct(edited['in place'])} (both: {pct(edited['both'])})"
+        rows.append([label, pct(drawn["colour"]), pct(drawn["shape"]), pct(edited["new colour"]), kept, seconds])
+    write_table(
+        "shapes-speedups",
+        f"The built-in model ({models.source}) with the speed-ups: the judge's verdicts",
+        ["UNet", "colour", "shape", "re-coloured", "kept in place", "seconds"],
+        rows,
+        [
+            "80 text-to-image prompts at CFG 7.5 and 40 re-colourings at strength 0.6 (bench/shapes.py's rows), 20"
+            " steps.",
+        ],
+    )
+
+
+def study_tables(models) -> None:
+    rows = []
+    cross = [name for name in study.attention_layers(models) if name.endswith("attn2")]
+    settings = [
+        ("DAAM preset: every level below the latents' size", {}),
+        ("prompt-to-prompt preset", {"preset": "p2p"}),
+    ]
+    settings += [(f"the levels halved {k} times", {"resolutions": [k]}) for k in (1, 2)]
+    settings += [(name, {"layers": name, "resolutions": [0, 1, 2, 3]}) for name in cross]
+    for label, options in settings:
+        scores, seconds = timed(evaluate_heat_maps, models, **options)
+        rows.append(
+            [
+                label,
+                pct(scores["shape word"]),
+                pct(scores["background word"]),
+                f"{scores['shape word IoU']:.2f}",
+                seconds,
+            ]
+        )
+    write_table(
+        "study-heat-maps",
+        f"Word heat maps of the built-in model ({models.source}): does the shape word's map land on the shape?",
+        ["cross-attention layers", "shape word", "background colour word", "shape word's mean IoU", "seconds"],
+        rows,
+        [
+            "Target: the shape word >= 80% and clearly above the background word. 40 prompts, seeds 0-39, 20 Euler a"
+            " steps.",
+        ],
+    )
+    rows = []
+    scores, seconds = timed(evaluate_text_to_image, models)
+    rows.append(["none", pct(scores["colour"]), pct(scores["shape"]), seconds])
+    for name in cross:
+        with study.ablate(models, name):
+            scores, seconds = timed(evaluate_text_to_image, models)
+        rows.append([name, pct(scores["colour"]), pct(scores["shape"]), seconds])
+    write_table(
+        "study-ablation",
+        f"The built-in model ({models.source}) with one cross-attention layer switched off (every head)",
+        ["ablated layer", "colour", "shape", "seconds"],
+        rows,
+        ["The 80 text-to-image prompts at CFG 7.5 (bench/shapes.py's first row)."],
     )
 
 

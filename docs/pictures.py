@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sd.cli import grid
+from sd.images import grid
 from sd.lora import load_lora
 from sd.model_loader import load_models
 from sd.pipeline import generate

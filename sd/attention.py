@@ -1,8 +1,12 @@
 """Attention, the one operation every network of Stable Diffusion shares.
 
 All of it goes through `torch.nn.functional.scaled_dot_product_attention`, which picks the fastest kernel the
-device has (flash / memory-efficient / math) and never materialises more than it must.
+device has (flash / memory-efficient / math) and never materialises more than it must. The one exception is a UNet
+attention layer with a `probe` (set by sd/study.py): its probabilities are also computed explicitly, for the probe
+to look at or replace.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,19 @@ def attention(
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, heads, Tq, d]
     return out.transpose(1, 2).reshape(b, tq, c)  # [B, Tq, heads * d]
+
+
+def probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, in float32: q [B, Tq, C], k [B, Tk, C] -> [B, heads, Tq, Tk]."""
+    q, k = (x.float().unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2) for x in (q, k))  # [B, heads, T, d]
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+def attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Given probabilities [B, heads, Tq, Tk] and values [B, Tk, C] -> [B, Tq, C]."""
+    b, heads, tq, _ = probs.shape
+    v = v.unflatten(-1, (heads, v.shape[-1] // heads)).transpose(1, 2)  # [B, heads, Tk, d]
+    return (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, tq, -1)  # [B, Tq, heads * d]
 
 
 def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
@@ -53,12 +70,16 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # a Sequential only to keep the checkpoint's `to_out.0`
         self.chunk: int | None = None
+        # probs [B, heads, Tq, Tk] -> None (keep them) or replacement probabilities; sd/study.py sets it
+        self.probe: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(
-            attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, chunk=self.chunk)
-        )
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        replaced = None if self.probe is None else self.probe(probabilities(q, k, self.heads))
+        if replaced is None:  # the kernel's own numbers, as without a probe
+            return self.to_out(attention(q, k, v, self.heads, chunk=self.chunk))
+        return self.to_out(attend(replaced, v))
 
 
 class SpatialSelfAttention(nn.Module):

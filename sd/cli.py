@@ -4,6 +4,7 @@ numbered so nothing is ever overwritten, and every file is written whole or not 
 stderr and exit code 2, before anything is loaded or written."""
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -17,16 +18,17 @@ from PIL import Image, PngImagePlugin
 from sd.attention import set_attention_chunk
 from sd.embeddings import load_embeddings
 from sd.files import remove_stale_temporaries, temporary_path
-from sd.images import check_size, default_size, open_image
+from sd.images import check_size, default_size, grid, open_image
 from sd.inpainting import MASKED_CONTENT, outpainting
 from sd.lora import find_lora, load_lora, lora_tags
 from sd.memory import available, check_fits, estimate, peek
 from sd.model_loader import DEFAULT_CHECKPOINT, load_models, sha256
 from sd.models import CheckpointError
 from sd.pipeline import Parameters, generate
-from sd.prompts import EMPHASIS, number
+from sd.prompts import EMPHASIS, number, split_and
 from sd.samplers import SAMPLERS, make_sampler
 from sd.sampling import TRAIN_STEPS
+from sd.study import HeatMaps, Steps, WordMaps
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -123,6 +125,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: cuda, mps, cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="default: fp16 on CUDA, else fp32")
     p.add_argument("--outdir", type=Path, default=Path("outputs"), help="where PNGs go (default outputs/)")
+    study = p.add_argument_group("study (docs/study.md)")
+    study.add_argument(
+        "--attention-maps",
+        action="store_true",
+        help="also write a sheet of the image under each prompt word's cross-attention heat map (DAAM)",
+    )
+    study.add_argument(
+        "--save-steps", action="store_true", help="also write each image's steps: noisy latents above, x0-hat below"
+    )
     memory = p.add_argument_group("speed and memory")
     memory.add_argument(
         "--low-vram", action="store_true", help="keep idle networks on the CPU, move each in for its turn"
@@ -133,6 +144,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     memory.add_argument("--attention-chunk", type=int, help="attend this many queries at a time (attention slicing)")
     memory.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     memory.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster after)")
+    memory.add_argument(
+        "--deepcache",
+        metavar="N[,BRANCH]",
+        help="DeepCache: the whole UNet every N steps, only skip branch BRANCH (default 0) between (try 3)",
+    )
+    memory.add_argument(
+        "--tome", type=finite, default=0.0, metavar="RATIO", help="token merging: merge this share of tokens (try 0.5)"
+    )
     return p.parse_args(argv)
 
 
@@ -196,6 +215,10 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
         raise ValueError(f"--mask-blur is a number of pixels, 0 or more; got {args.mask_blur}")
     if args.mask_blur and not args.paste_back:
         raise ValueError("--mask-blur softens the edge of --paste-back: add --paste-back")
+    if args.attention_maps and (args.batch > 1 or args.only_masked is not None or len(split_and(args.prompt)) > 1):
+        raise ValueError(
+            "--attention-maps maps the words of one prompt on one whole image: drop --batch, --only-masked, AND"
+        )
     if not 1 <= args.steps <= TRAIN_STEPS:
         raise ValueError(f"--steps must be between 1 and {TRAIN_STEPS} (SD v1's training steps), got {args.steps}")
     counts = {"--batch": args.batch, "--clip-skip": args.clip_skip, "--attention-chunk": args.attention_chunk}
@@ -203,6 +226,15 @@ def validate(args: argparse.Namespace) -> Image.Image | None:
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     make_sampler(args.sampler, karras=args.karras, eta=args.eta)
+    if not 0 <= args.tome <= 0.75:
+        raise ValueError(f"--tome is the share of tokens merged, 0 to 0.75; got {args.tome}")
+    if args.deepcache is not None:
+        parts = [number(part) for part in args.deepcache.split(",")]
+        if not 1 <= len(parts) <= 2 or any(p is None or p != int(p) or p < 0 for p in parts) or parts[0] < 1:
+            raise ValueError(
+                f"--deepcache takes N or N,BRANCH, whole numbers with N >= 1 (try 3); got {args.deepcache}"
+            )
+        args.deepcache = tuple(int(p) for p in parts) + (0,) * (2 - len(parts))
     if args.tile_vae is not None and (args.tile_vae < 64 or args.tile_vae % 32):
         raise ValueError(f"--tile-vae must be a multiple of 32, at least 64, got {args.tile_vae}")
     check_output_folder(args.outdir)
@@ -325,6 +357,8 @@ def infotext(parameters: Parameters, index: int, model: str, hash_: str) -> str:
         "Eta": p.eta or None,
         "Batch size": per_prompt if per_prompt > 1 else None,
         "Batch pos": index % per_prompt if per_prompt > 1 else None,
+        "Token merging ratio": p.tome or None,
+        "DeepCache": ",".join(map(str, p.deepcache)) if p.deepcache else None,
         "Lora hashes": '"' + ", ".join(f"{n}: {h}" for n, h in p.lora_hashes.items()) + '"' if p.lora_hashes else None,
     }
     lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
@@ -355,17 +389,6 @@ def save_png(image: Image.Image, folder: Path, suffix: str, info: str) -> Path:
         tmp.unlink(missing_ok=True)
 
 
-def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """The images in rows of `columns` (default: as square a sheet as they make), left to right."""
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    sheet = Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * width, (i // columns) * height))
-    return sheet
-
-
 def tune(models, args: argparse.Namespace) -> None:
     """The speed and memory options that change the networks (the rest are generate()'s)."""
     for net in models.named().values():
@@ -394,33 +417,39 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(f"LoRA {path.name} at {strength:g}: {len(lora.layers)} layers{skipped}")
     if args.embeddings is not None:
         print(f"embeddings: {', '.join(load_embeddings(models, args.embeddings))}")
-    result = generate(
-        args.prompt,
-        models,
-        negative_prompt=args.negative,
-        sampler=args.sampler,
-        karras=args.karras,
-        eta=args.eta,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        batch_size=args.batch,
-        init_image=image,
-        strength=args.strength,
-        mask=args.mask,
-        mask_blur=args.mask_blur,
-        paste_back=args.paste_back,
-        padding_mask_crop=args.only_masked,
-        masked_content=args.masked_content,
-        clip_skip=args.clip_skip,
-        emphasis=args.emphasis,
-        pad_prompts=args.pad_prompts,
-        lora_dir=args.lora_dir,
-        device=device,
-        vae_tile=args.tile_vae,
-    )
+    maps = WordMaps(models, args.prompt) if args.attention_maps else contextlib.nullcontext()
+    steps = Steps() if args.save_steps else None
+    with maps:
+        result = generate(
+            args.prompt,
+            models,
+            negative_prompt=args.negative,
+            sampler=args.sampler,
+            karras=args.karras,
+            eta=args.eta,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            batch_size=args.batch,
+            init_image=image,
+            strength=args.strength,
+            mask=args.mask,
+            mask_blur=args.mask_blur,
+            paste_back=args.paste_back,
+            padding_mask_crop=args.only_masked,
+            masked_content=args.masked_content,
+            clip_skip=args.clip_skip,
+            emphasis=args.emphasis,
+            pad_prompts=args.pad_prompts,
+            lora_dir=args.lora_dir,
+            device=device,
+            vae_tile=args.tile_vae,
+            on_step=steps,
+            deepcache=args.deepcache,
+            tome=args.tome,
+        )
     print(f"seed {result.seed}")
     name, hash_ = checkpoint.stem if checkpoint.is_file() else checkpoint.name, model_hash(checkpoint)
     paths = [
@@ -430,6 +459,17 @@ def run(args: argparse.Namespace) -> list[Path]:
     if len(result.images) > 1:
         info = infotext(result.parameters, 0, name, hash_)
         paths.append(save_png(grid(result.images), args.outdir, f"grid-{result.seed}", info))
+    if args.attention_maps:
+        (image,) = result.images
+        sheet = HeatMaps(image, maps.heat_maps(image.height, image.width), result).sheet()
+        paths.append(
+            save_png(sheet, args.outdir, f"{result.seed}-attention", infotext(result.parameters, 0, name, hash_))
+        )
+    if steps is not None:
+        trajectory = steps.trajectory(models, result, args.tile_vae)
+        for i in range(len(result.images)):
+            info = infotext(result.parameters, i, name, hash_)
+            paths.append(save_png(trajectory.strip(i), args.outdir, f"{result.seed}-steps", info))
     for path in paths:
         print(f"wrote {path}")
     return paths

@@ -9,6 +9,7 @@ Module names follow the public checkpoint (`model.diffusion_model.*`): `input_bl
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,10 +105,16 @@ class TransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, cfg.heads, context_dim=cfg.context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, cfg.dropout)
+        # token merging (sd/tome.py): x -> (merge, unmerge), fewer tokens for self-attention and back
+        self.token_merge: Callable[[torch.Tensor], tuple[Callable, Callable]] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: [B, pixels, dim] image tokens; context: [B, prompt tokens, context_dim] -> [B, pixels, dim]."""
-        x = x + self.attn1(self.norm1(x))
+        if self.token_merge is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            merge, unmerge = self.token_merge(x)
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -217,16 +224,28 @@ class UNet(nn.Module):
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """latents: [B, in_channels, h, w], timesteps: [B] or a scalar (int or float), context: [B, T, context_dim]
         -> predicted noise [B, out_channels, h, w]."""
-        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.channels).to(latents.dtype))
+        emb = self.embed(timesteps, latents)
+        skips = self.down(latents, emb, context, self.input_blocks)
+        h = self.run(self.middle_block, skips[-1], emb, context)
+        return self.out(self.up(h, skips, emb, context, self.output_blocks))
 
-        h, skips = latents, []
-        for block in self.input_blocks:
+    def embed(self, timesteps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The timestep embedding, [B, time_dim], one per latent of the batch."""
+        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        return self.time_embed(timestep_embedding(t, self.cfg.channels).to(latents.dtype))
+
+    def down(self, h: torch.Tensor, emb, context, blocks) -> list[torch.Tensor]:
+        """Runs input `blocks` in turn from h; returns each one's output (the skip connections)."""
+        skips = []
+        for block in blocks:
             h = self.run(block, h, emb, context)
             skips.append(h)
-        h = self.run(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
+        return skips
+
+    def up(self, h: torch.Tensor, skips: list[torch.Tensor], emb, context, blocks) -> torch.Tensor:
+        """Runs output `blocks` in turn from h, each on h and the last skip connection left (taken from `skips`)."""
+        for block in blocks:
             h = self.run(
                 block, torch.cat([h, skips.pop()], dim=1), emb, context, size=skips[-1].shape[-2:] if skips else None
             )
-        return self.out(h)
+        return h

@@ -37,6 +37,10 @@ class DPMSolverPP2M(Sampler):
         alpha, sigma = alpha_sigma(self.sigmas[i].to(x0.device, x0.dtype))
         return alpha * x0 + sigma * noise
 
+    def denoised(self, eps: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = alpha_sigma(self.sigmas[i].to(x.device))
+        return (x.float() - sigma * eps.float()) / alpha
+
     def step(
         self, eps: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Images in and out of the pipeline: files and PIL images to [-1, 1] tensors of a size the VAE takes, and back."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images of one size -> [B, 3, H, W] in [0, 1]."""
     return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2) / 255
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """The images in rows of `columns` (default: as square a sheet as they make), left to right."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * width, (i // columns) * height))
+    return sheet

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sd import inpainting
 from sd.autoencoder import sample_posterior
+from sd.deepcache import DeepCache
 from sd.guidance import Guidance
 from sd.images import check_size, default_size, image_to_tensor, open_image, pil_to_tensor, to_pil
 from sd.lora import lora_tags, prompt_loras
@@ -37,8 +38,9 @@ from sd.model_loader import load_models
 from sd.models import Models, check_device
 from sd.prompts import EMPHASIS
 from sd.samplers import make_sampler
-from sd.sampling import TRAIN_STEPS, Sampler, noise, noise_like
+from sd.sampling import CURRENT_STEP, TRAIN_STEPS, Sampler, noise, noise_like
 from sd.tiling import tiled
+from sd.tome import token_merging
 
 OUTPUT_TYPES = ("pil", "tensor", "latent")
 
@@ -63,6 +65,8 @@ class Parameters:
     mask_blur: int | None = None  # inpainting only
     padding_mask_crop: int | None = None  # inpainting "only masked": the crop's padding
     masked_content: str | None = None  # inpainting, other than "original"
+    deepcache: tuple[int, int] | None = None  # (interval, branch)
+    tome: float = 0.0  # token merging ratio
     lora_hashes: dict[str, str] = field(default_factory=dict)  # the prompt's <lora:...> tags: name -> A1111's hash
 
 
@@ -77,6 +81,17 @@ class Generated:
     @property
     def seed(self) -> int:
         return self.parameters.seed
+
+
+@dataclass
+class Step:
+    """What `generate(on_step=...)` is given after each sampler step, the batch's tensors on the compute device."""
+
+    index: int  # steps taken before this one, from 0
+    timestep: float
+    latents: torch.Tensor  # [B, 4, h, w] after the step: what the next step starts from
+    noise: torch.Tensor  # [B, 4, h, w] the guided noise prediction the step took
+    denoised: torch.Tensor  # [B, 4, h, w] float32: the clean latents that prediction points at (x0-hat)
 
 
 @torch.inference_mode()
@@ -109,6 +124,9 @@ def generate(
     paste_back: bool = False,
     padding_mask_crop: int | None = None,
     masked_content: str = "original",
+    on_step: Callable[[Step], None] | None = None,
+    deepcache: int | tuple[int, int] | None = None,
+    tome: float = 0.0,
 ) -> Generated:
     """Images for a prompt (or a list of prompts, `batch_size` images each).
 
@@ -175,10 +193,11 @@ def generate(
         if image is not None and start == steps and strength > 0 and (mask is None or mask.any()):
             message = f"strength {strength} of {steps} steps takes no step: the init image comes back unchanged"
             warnings.warn(message + " (raise the strength or the steps)", stacklevel=3)
-        with placed(models.diffusion, device):
-            unet = models.diffusion if inpaint is None else inpaint.model(models.diffusion)
+        with placed(models.diffusion, device), token_merging(models.diffusion, tome):
+            unet = models.diffusion if deepcache is None else DeepCache(models.diffusion, *deepcache_setting(deepcache))
+            unet = unet if inpaint is None else inpaint.model(unet)
             keep = None if inpaint is None else inpaint.keep(sampler)
-            x = denoise(unet, sampler, x, guidance, generator, start, progress, keep)
+            x = denoise(unet, sampler, x, guidance, generator, start, progress, keep, on_step)
     check_finite(x, "the UNet")
 
     parameters = Parameters(
@@ -198,6 +217,8 @@ def generate(
         mask_blur=None if mask is None else mask_blur,
         padding_mask_crop=padding_mask_crop,
         masked_content=None if masked_content == "original" else masked_content,
+        deepcache=None if deepcache is None else deepcache_setting(deepcache),
+        tome=tome,
         lora_hashes=lora_hashes,
     )
     if output_type == "latent":
@@ -227,7 +248,7 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             expected = " or ".join(TYPE_NAMES.get(k, k.__name__) for k in kinds)
             raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.40}")
-    for name in ("cfg_scale", "strength", "eta"):
+    for name in ("cfg_scale", "strength", "eta", "tome"):
         if not math.isfinite(options[name]):
             raise ValueError(f"{name} must be a finite number, got {options[name]}")
     steps, batch_size, strength = options["steps"], options["batch_size"], options["strength"]
@@ -250,8 +271,20 @@ def check_arguments(models: Models, prompts, negatives, options: dict) -> None:
     if options["init_image"] is not None and options["latents"] is not None:
         raise ValueError("latents= gives text-to-image its starting noise; image-to-image starts from init_image")
     inpainting.check_options(options)
+    if not 0 <= options["tome"] <= 0.75:
+        raise ValueError(f"tome (the token merging ratio) must be between 0 and 0.75, got {options['tome']}")
+    if options["deepcache"] is not None:
+        DeepCache(models.diffusion, *deepcache_setting(options["deepcache"]))  # its own checks
     if models.diffusion.cfg.in_channels != models.encoder.cfg.latent_channels and options["mask"] is None:
         raise ValueError("an inpainting checkpoint needs an init image and a mask (init_image= and mask=)")
+
+
+def deepcache_setting(setting: int | tuple[int, int]) -> tuple[int, int]:
+    """generate's `deepcache` as (interval, branch)."""
+    pair = (setting, 0) if isinstance(setting, numbers.Integral) else tuple(setting)
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"deepcache must be an interval N or a pair (N, branch) of whole numbers, got {setting!r}")
+    return int(pair[0]), int(pair[1])
 
 
 Int, Real, NoneType = numbers.Integral, numbers.Real, type(None)  # numpy's numbers count too
@@ -281,8 +314,11 @@ ARGUMENT_TYPES = {
     "paste_back": (bool,),
     "padding_mask_crop": (Int, NoneType),
     "masked_content": (str,),
+    "on_step": (Callable, NoneType),
+    "deepcache": (Int, tuple, NoneType),
+    "tome": (Real,),
 }
-TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None"}
+TYPE_NAMES = {Int: "int", Real: "a number", NoneType: "None", Callable: "a function"}
 
 
 def starting_image(
@@ -375,16 +411,26 @@ def denoise(
     start: int = 0,
     progress: bool = True,
     after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> torch.Tensor:
     """The sampling loop from step `start` on: the guided noise prediction, then the sampler's step. `unet` is
     whatever predicts the noise, called as the UNet is, (latents, timestep, context): where per-step features
     (hooks, caches, inpainting's condition) attach; `after_step(x, i)` may change each step's result (inpainting
-    restores the kept region). Prompt edits count the steps taken, from 0, as A1111 does."""
+    restores the kept region); `on_step` sees each step's outcome. Prompt edits count the steps taken, from 0, as
+    A1111 does; so do CURRENT_STEP and `Step.index`."""
     for i in tqdm(range(start, len(sampler.timesteps)), desc=sampler.label, disable=not progress):
-        eps = guidance(unet, sampler.scale_input(x, i), sampler.timesteps[i], i - start)
-        x = sampler.step(eps, i, x, generator)
+        t = sampler.timesteps[i]
+        token = CURRENT_STEP.set((i - start, float(t)))
+        try:
+            eps = guidance(unet, sampler.scale_input(x, i), t, i - start)
+        finally:
+            CURRENT_STEP.reset(token)
+        denoised = None if on_step is None else sampler.denoised(eps, i, x)  # before the step: a multistep
+        x = sampler.step(eps, i, x, generator)  # sampler's state moves on with it
         if after_step is not None:
             x = after_step(x, i)
+        if on_step is not None:
+            on_step(Step(i - start, float(t), x, eps, denoised))
     return x
 
 

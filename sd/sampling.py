@@ -16,10 +16,16 @@ diffusers begins it at the schedule's first step even when image-to-image starts
 image (diffusers issue 5630).
 """
 
+import contextvars
+
 import numpy as np
 import torch
 
 TRAIN_STEPS = 1000
+
+# (steps taken before this one, its timestep) while the pipeline's sampling loop computes a step's noise prediction,
+# else None: what hooks and caches inside the UNet (sd/study.py, sd/deepcache.py) know of where a generation is
+CURRENT_STEP: contextvars.ContextVar[tuple[int, float] | None] = contextvars.ContextVar("CURRENT_STEP", default=None)
 BETA_START, BETA_END = 0.00085, 0.012
 
 
@@ -113,6 +119,11 @@ class Sampler:
         a = self.alphas_cumprod[self.timesteps[i]].to(x0.device, x0.dtype)
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
+    def denoised(self, eps: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The clean latents x0 that the noise prediction `eps` for x at step i points at (add_noise undone)."""
+        a = self.alphas_cumprod[self.timesteps[i]].to(x.device, torch.float32)
+        return (x.float() - (1 - a) ** 0.5 * eps.float()) / a**0.5
+
 
 class SigmaSampler(Sampler):
     """Samplers that work in sigma space, x = x0 + sigma * noise (Euler, Euler ancestral, LMS: k-diffusion's form).
@@ -137,3 +148,6 @@ class SigmaSampler(Sampler):
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         return x0 + noise * self.sigmas[i].to(x0.device, x0.dtype)
+
+    def denoised(self, eps: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x.float() - self.sigmas[i].to(x.device) * eps.float()

@@ -10,9 +10,11 @@ from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from sd.pipeline import generate
+from sd.study import attention_maps
 
 SIZE = 64
 COLOURS = {
@@ -480,3 +482,40 @@ def inpainting_sample(rng: np.random.Generator) -> tuple[Scene, Scene | None, np
         bottom, right = top + int(rng.integers(16, SIZE - top + 1)), left + int(rng.integers(16, SIZE - left + 1))
     mask[top:bottom, left:right] = True
     return scene, None, mask
+
+
+def heat_map_prompts() -> list[tuple[str, str, str]]:
+    """40 (prompt, shape, background): every colour with every shape, on the first of its backgrounds."""
+    return [
+        (prompt_for(colour, shape, backgrounds(colour)[0]), shape, backgrounds(colour)[0])
+        for colour in NAMES
+        for shape in SHAPES
+    ]
+
+
+def top_pixels(heat: torch.Tensor, count: int) -> np.ndarray:
+    """[64, 64] bool: the `count` hottest pixels of a heat map."""
+    flat = heat.flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(count).indices] = True
+    return mask.reshape(heat.shape).numpy()
+
+
+def evaluate_heat_maps(models, seed: int = 0, **kwargs) -> dict[str, float]:
+    """How often the heat map of the shape word, and of the background's colour word, lands on the shape: its
+    hottest pixels, as many as the judge's foreground mask has, overlap that mask with IoU >= 0.5. kwargs:
+    sd.study.attention_maps' (preset, resolutions, layers, at_steps) and generate's."""
+    shape_hits, background_hits, shape_ious = [], [], []
+    for k, (prompt, shape, background) in enumerate(heat_map_prompts()):
+        result = attention_maps(prompt, models, seed=seed + k, progress=False, **kwargs)
+        mask = foreground(result.image)
+        count = max(int(mask.sum()), 1)
+        shape_iou = iou(top_pixels(result.maps[shape], count), mask)
+        shape_ious.append(shape_iou)
+        shape_hits.append(shape_iou >= 0.5)
+        background_hits.append(iou(top_pixels(result.maps[background], count), mask) >= 0.5)
+    return {
+        "shape word": float(np.mean(shape_hits)),
+        "background word": float(np.mean(background_hits)),
+        "shape word IoU": float(np.mean(shape_ious)),
+    }

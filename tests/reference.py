@@ -44,6 +44,7 @@ SAMPLER_CASES = [
     ("lms", True),
     ("dpmpp_2m", False),
     ("dpmpp_2m", True),
+    ("lcm", False),
 ]
 SAMPLER_IDS = [f"{name}{'-karras' if karras else ''}" for name, karras in SAMPLER_CASES]
 
@@ -289,6 +290,7 @@ DIFFUSERS_SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "lms": "LMSDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
 }
 
 

@@ -35,7 +35,7 @@ def run_diffusers(name, karras, steps, strength, x0, start_noise, seed, eta=0.0)
             return [], []
         x = scheduler.add_noise(x0, start_noise, timesteps[:1])
     generator = torch.Generator().manual_seed(seed)
-    kwargs = {"generator": generator} if name in ("ddpm", "euler_a", "ddim") else {}
+    kwargs = {"generator": generator} if name in ("ddpm", "euler_a", "ddim", "lcm") else {}
     if name == "ddim":
         kwargs["eta"] = eta
     trajectory = []
