@@ -86,6 +86,28 @@ def diffusers_loader(path: Path, dtype):
     return load
 
 
+def diffusers_pipeline(path: Path):
+    """diffusers' StableDiffusionPipeline on the single file `path` in float32 (Euler a, no safety checker, no
+    progress bar)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from reference import diffusers_scheduler, diffusers_tokenizer
+
+    unet, vae, text_encoder = diffusers_loader(path, torch.float32)()
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=diffusers_tokenizer(path.parent / "tokenizer"),
+        scheduler=diffusers_scheduler("euler_a"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def worker(kind: str, path: Path) -> dict:
     start = time.perf_counter()
     load = prepare(kind, path)

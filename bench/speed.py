@@ -126,22 +126,9 @@ def generation_worker(kind: str, path: Path, steps: int, repeats: int) -> dict:
             return generate(PROMPT, models, sampler="euler_a", steps=n, seed=1, progress=False)
 
     else:
-        from diffusers import StableDiffusionPipeline
-        from load import diffusers_loader
-        from reference import diffusers_scheduler, diffusers_tokenizer
+        from load import diffusers_pipeline
 
-        unet, vae, text_encoder = diffusers_loader(path, torch.float32)()
-        pipe = StableDiffusionPipeline(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=diffusers_tokenizer(path.parent / "tokenizer"),
-            scheduler=diffusers_scheduler("euler_a"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = diffusers_pipeline(path)
 
         def run(n):
             return pipe(PROMPT, num_inference_steps=n, generator=torch.Generator().manual_seed(1)).images

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
-from common import write_table  # noqa: E402
+from common import median_seconds, write_table  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 OPTIONS = {  # label: (our generate() options, the reference's: DeepCache (interval, branch), tomesd ratio, sampler)
@@ -49,42 +49,18 @@ def worker(kind: str, path: Path, steps: int, size: int, repeats: int) -> dict:
             return generate(PROMPT, models, seed=1, width=size, height=size, progress=False, **options).images[0]
 
     else:
-        import tomesd
-        from DeepCache import DeepCacheSDHelper
-        from diffusers import StableDiffusionPipeline
-        from load import diffusers_loader
-        from reference import diffusers_scheduler, diffusers_tokenizer
+        from load import diffusers_pipeline
+        from reference import diffusers_scheduler, speedup_references
 
-        unet, vae, text_encoder = diffusers_loader(path, torch.float32)()
-        pipe = StableDiffusionPipeline(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=diffusers_tokenizer(path.parent / "tokenizer"),
-            scheduler=diffusers_scheduler("euler_a"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = diffusers_pipeline(path)
 
         def run(label: str, n: int):
             deepcache, ratio, sampler = OPTIONS[label][1]
             pipe.scheduler = diffusers_scheduler(sampler)
-            n = OPTIONS[label][0].get("steps", n)
-            helper = DeepCacheSDHelper(pipe=pipe)
-            if deepcache:
-                helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1])
-                helper.enable()
-            if ratio:
-                tomesd.apply_patch(pipe, ratio=ratio, use_rand=False)
-            try:
+            with speedup_references(pipe, deepcache, ratio):
                 generator = torch.Generator().manual_seed(1)
+                n = OPTIONS[label][0].get("steps", n)
                 return pipe(PROMPT, num_inference_steps=n, height=size, width=size, generator=generator).images[0]
-            finally:
-                tomesd.remove_patch(pipe)
-                if deepcache:
-                    helper.disable()
 
     run("plain", 2)  # the warm-up
     out, plain = {}, None
@@ -97,6 +73,60 @@ def worker(kind: str, path: Path, steps: int, size: int, repeats: int) -> dict:
         plain = image if plain is None else plain
         out[label] = {"seconds": statistics.median(times), "difference": float(np.abs(image - plain).mean())}
     return out
+
+
+def unet_step_rows(repeats: int) -> list[list[str]]:
+    """One UNet call (batch 2, 64x64 latents), median of `repeats`: the plain call, with ToMe 0.5, and DeepCache's
+    call between full passes (branch 0), ours and diffusers': per-step numbers with less noise than whole images."""
+    import tomesd
+    from DeepCache import DeepCacheSDHelper
+    from reference import our_models, public_key_shapes, random_checkpoint, reference_unet
+
+    from sd.autoencoder import VAEConfig
+    from sd.clip import CLIPConfig
+    from sd.deepcache import DeepCache
+    from sd.diffusion import UNetConfig
+    from sd.sampling import CURRENT_STEP
+    from sd.tome import token_merging
+
+    configs = CLIPConfig(), VAEConfig(), UNetConfig()
+    checkpoint = random_checkpoint(public_key_shapes(), seed=0)
+    models = our_models({k: v.clone() for k, v in checkpoint.items()}, *configs)
+    theirs = reference_unet(checkpoint, configs[1], configs[2])
+    del checkpoint
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 64, 64, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    ours = lambda: models.diffusion(x, 500, context)  # noqa: E731
+    reference = lambda: theirs(x, 500, context)  # noqa: E731
+    rows = []
+    with torch.inference_mode():
+        plain, plain_theirs = median_seconds(ours, repeats), median_seconds(reference, repeats)
+        with token_merging(models.diffusion, 0.5):
+            merged = median_seconds(ours, repeats)
+        tomesd.apply_patch(theirs, ratio=0.5, use_rand=False)
+        merged_theirs = median_seconds(reference, repeats)
+        tomesd.remove_patch(theirs)
+        cache = DeepCache(models.diffusion, 3)
+        cache(x, 500, context)  # the full pass (outside a generation every call is one)
+        token = CURRENT_STEP.set((1, 500.0))
+        try:
+            shallow = median_seconds(lambda: cache(x, 500, context), repeats)
+        finally:
+            CURRENT_STEP.reset(token)
+        pipe = type("Pipe", (), {"unet": theirs, "scheduler": type("S", (), {"timesteps": [500, 499]})()})()
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=3, cache_branch_id=0)
+        helper.enable()
+        theirs(x, torch.tensor(500), context)  # its full pass at timestep index 0
+        shallow_theirs = median_seconds(lambda: theirs(x, torch.tensor(499), context), repeats)
+        helper.disable()
+    for label, a, b in (
+        ("UNet step (batch 2, 64x64 latents)", plain, plain_theirs),
+        ("UNet step, ToMe 0.5", merged, merged_theirs),
+        ("UNet step between DeepCache's full passes", shallow, shallow_theirs),
+    ):
+        rows.append([label, f"{a:.2f}", f"{plain / a:.2f}x", "", f"{b:.2f}", f"{plain_theirs / b:.2f}x", ""])
+    return rows
 
 
 def main() -> None:
@@ -114,6 +144,7 @@ def main() -> None:
     from load import make_files
 
     path = make_files(args.workdir)[0]
+    rows = unet_step_rows(args.repeats + 2)
     results = {}
     for kind in ("ours", "diffusers"):
         command = [sys.executable, __file__, "--worker", kind, str(path), "--steps", str(args.steps)]
@@ -121,7 +152,6 @@ def main() -> None:
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     ours, theirs = results["ours"], results["diffusers"]
-    rows = []
     for label in OPTIONS:
         a, b = ours[label], theirs[label]
         rows.append(

@@ -4,6 +4,7 @@ The reference side goes through diffusers' own single-file conversion (`from_sin
 transformers' `CLIPTextModel`, exactly as a user of those libraries would load the same file.
 """
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -350,3 +351,24 @@ def diffusers_pipelines(checkpoint, clip_cfg, vae_cfg, unet_cfg, folder: Path):
         "requires_safety_checker": False,
     }
     return StableDiffusionPipeline(**parts), StableDiffusionImg2ImgPipeline(**parts)
+
+
+@contextlib.contextmanager
+def speedup_references(pipeline, deepcache: tuple[int, int] | None = None, tome: float = 0.0):
+    """diffusers' pipeline with the speed-ups' reference implementations for the block's duration: DeepCache's
+    DeepCacheSDHelper (cache_interval, cache_branch_id) and tomesd (ratio, use_rand=False)."""
+    import tomesd
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipeline)
+    if deepcache:
+        helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1])
+        helper.enable()
+    if tome:
+        tomesd.apply_patch(pipeline, ratio=tome, use_rand=False)
+    try:
+        yield pipeline
+    finally:
+        tomesd.remove_patch(pipeline)
+        if deepcache:
+            helper.disable()

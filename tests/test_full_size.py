@@ -22,6 +22,7 @@ from reference import (
     reference_clip,
     reference_unet,
     reference_vae,
+    speedup_references,
 )
 from safetensors.torch import save_file
 
@@ -202,3 +203,24 @@ def test_full_size_inpainting_matches_diffusers(checkpoint, pipelines, channels)
         pipeline.unet.conv_in = original
         pipeline.unet.register_to_config(in_channels=4)
     assert_close(ours.images, expected, f"full-size {channels}-channel inpainting")
+
+
+@torch.no_grad()
+def test_full_size_deepcache_and_token_merging_equal_their_references(checkpoint, pipelines):
+    """SD v1's own branch numbering (two ResNets and a downsampler per level): branch 2 is input_blocks[:3]."""
+    models = our_models(checkpoint, CLIP_CFG, VAE_CFG, UNET_CFG)
+    options = dict(negative_prompt="blurry", sampler="ddim", steps=4, seed=8, output_type="latent", progress=False)
+    ours = generate(PROMPT, models, width=64, height=64, deepcache=(3, 2), tome=0.5, **options).images
+    pipelines[0].scheduler = diffusers_scheduler("ddim")
+    with speedup_references(pipelines[0], deepcache=(3, 2), tome=0.5) as pipeline:
+        generator = torch.Generator().manual_seed(8)
+        expected = pipeline(
+            PROMPT,
+            negative_prompt="blurry",
+            num_inference_steps=4,
+            height=64,
+            width=64,
+            output_type="latent",
+            generator=generator,
+        ).images
+    assert_close(ours, expected, "full-size DeepCache N=3 branch 2 with ToMe 0.5")

@@ -13,6 +13,7 @@ from reference import (
     ldm_key_shapes,
     our_models,
     random_checkpoint,
+    speedup_references,
 )
 
 from sd.autoencoder import VAEConfig
@@ -52,14 +53,10 @@ def ours(models, sampler="ddim", steps=7, **kwargs) -> torch.Tensor:
     return generate(PROMPT, models, **{**options, **kwargs}).images
 
 
-def with_deepcache_helper(pipeline, interval, branch, sampler="ddim", steps=7, **kwargs) -> torch.Tensor:
-    from DeepCache import DeepCacheSDHelper
-
+def theirs(pipeline, sampler="ddim", steps=7, deepcache=None, tome=0.0, **kwargs) -> torch.Tensor:
+    """diffusers' latents for PROMPT and NEGATIVE, seed 21, with DeepCacheSDHelper and/or tomesd applied."""
     pipeline.scheduler = diffusers_scheduler(sampler)
-    helper = DeepCacheSDHelper(pipe=pipeline)
-    helper.set_params(cache_interval=interval, cache_branch_id=branch)
-    helper.enable()
-    try:
+    with speedup_references(pipeline, deepcache, tome):
         generator = torch.Generator("cpu").manual_seed(21)
         return pipeline(
             PROMPT,
@@ -69,8 +66,6 @@ def with_deepcache_helper(pipeline, interval, branch, sampler="ddim", steps=7, *
             generator=generator,
             **kwargs,
         ).images
-    finally:
-        helper.disable()
 
 
 def test_deepcache_every_step_is_the_plain_unet_bit_for_bit(models):
@@ -81,7 +76,7 @@ def test_deepcache_every_step_is_the_plain_unet_bit_for_bit(models):
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
 def test_deepcache_equals_the_reference_helper_on_diffusers(models, pipelines, sampler):
-    expected = with_deepcache_helper(pipelines[0], 3, 0, sampler, width=64, height=48)
+    expected = theirs(pipelines[0], sampler, deepcache=(3, 0), width=64, height=48)
     cached = ours(models, sampler, width=64, height=48, deepcache=(3, 0))
     assert_close(cached, expected, f"DeepCache N=3 with {sampler}")
     plain = ours(models, sampler, width=64, height=48)
@@ -90,7 +85,7 @@ def test_deepcache_equals_the_reference_helper_on_diffusers(models, pipelines, s
 
 def test_deepcache_image_to_image_equals_the_reference_helper(models, pipelines):
     image = init_image()
-    expected = with_deepcache_helper(pipelines[1], 2, 0, image=image, strength=0.8)
+    expected = theirs(pipelines[1], deepcache=(2, 0), image=image, strength=0.8)
     assert_close(ours(models, init_image=image, strength=0.8, deepcache=2), expected, "DeepCache N=2 img2img")
 
 
@@ -138,43 +133,33 @@ def test_deepcache_refuses_bad_settings(models):
     assert DeepCache(models.diffusion, 3).branch == 0
 
 
-def with_tomesd(pipeline, ratio, sampler="ddim", steps=7, **kwargs) -> torch.Tensor:
-    import tomesd
-
-    pipeline.scheduler = diffusers_scheduler(sampler)
-    tomesd.apply_patch(pipeline, ratio=ratio, use_rand=False)
-    try:
-        generator = torch.Generator("cpu").manual_seed(21)
-        return pipeline(
-            PROMPT,
-            negative_prompt=NEGATIVE,
-            num_inference_steps=steps,
-            output_type="latent",
-            generator=generator,
-            **kwargs,
-        ).images
-    finally:
-        tomesd.remove_patch(pipeline)
-
-
 def test_token_merging_ratio_0_is_the_plain_unet_bit_for_bit(models):
     assert torch.equal(ours(models, width=64, height=48, tome=0.0), ours(models, width=64, height=48))
 
 
 @pytest.mark.parametrize("width, height", [(64, 64), (72, 40)], ids=["square", "odd-sides"])
 def test_token_merging_equals_tomesd_on_diffusers(models, pipelines, width, height):
-    expected = with_tomesd(pipelines[0], 0.5, width=width, height=height)
+    expected = theirs(pipelines[0], tome=0.5, width=width, height=height)
     merged = ours(models, width=width, height=height, tome=0.5)
     assert_close(merged, expected, f"ToMe 0.5 at {width}x{height}")
     assert (merged - ours(models, width=width, height=height)).abs().max() > 1e-3, "ToMe 0.5 changed nothing"
 
 
 def test_token_merging_and_deepcache_compose(models, pipelines):
-    import tomesd
-
-    tomesd.apply_patch(pipelines[0], ratio=0.5, use_rand=False)
-    try:
-        expected = with_deepcache_helper(pipelines[0], 3, 0, width=64, height=48)
-    finally:
-        tomesd.remove_patch(pipelines[0])
+    expected = theirs(pipelines[0], deepcache=(3, 0), tome=0.5, width=64, height=48)
     assert_close(ours(models, width=64, height=48, tome=0.5, deepcache=3), expected, "ToMe 0.5 with DeepCache N=3")
+
+
+def test_a_batch_with_deepcache_and_token_merging_equals_the_references(models, pipelines):
+    expected = theirs(pipelines[0], deepcache=(2, 1), tome=0.3, width=48, height=64, num_images_per_prompt=2)
+    batch = ours(models, width=48, height=64, batch_size=2, tome=0.3, deepcache=(2, 1))
+    assert_close(batch, expected, "a batch of 2, ToMe 0.3, DeepCache N=2 branch 1")
+
+
+def test_inpainting_takes_both_and_is_unchanged_at_their_off_settings(models):
+    image, mask = init_image(), Image.new("L", (64, 48), 0)
+    mask.paste(255, (32, 0, 64, 48))
+    plain = ours(models, init_image=image, mask=mask, strength=1.0)
+    assert torch.equal(ours(models, init_image=image, mask=mask, strength=1.0, deepcache=1, tome=0.0), plain)
+    sped = ours(models, init_image=image, mask=mask, strength=1.0, deepcache=3, tome=0.5)
+    assert torch.isfinite(sped).all() and (sped - plain).abs().max() > 1e-3
