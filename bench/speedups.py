@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from common import median_seconds, write_table  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
-OPTIONS = {  # label: (our generate() options, the reference's: DeepCache (interval, branch), tomesd ratio, sampler)
-    "plain": ({}, (None, 0.0, "euler_a")),
-    "DeepCache N=3": ({"deepcache": 3}, ((3, 0), 0.0, "euler_a")),
-    "ToMe 0.5": ({"tome": 0.5}, (None, 0.5, "euler_a")),
-    "DeepCache N=3 + ToMe 0.5": ({"deepcache": 3, "tome": 0.5}, ((3, 0), 0.5, "euler_a")),
-    "LCM, 4 steps": ({"sampler": "lcm", "steps": 4}, (None, 0.0, "lcm")),
+OPTIONS = {  # label: generate()'s options beyond Euler a at --steps; the references are set from the same
+    "plain": {},
+    "DeepCache N=3": {"deepcache": (3, 0)},
+    "ToMe 0.5": {"tome": 0.5},
+    "DeepCache N=3 + ToMe 0.5": {"deepcache": (3, 0), "tome": 0.5},
+    "LCM, 4 steps": {"sampler": "lcm", "steps": 4},
 }
 
 
@@ -45,7 +45,7 @@ def worker(kind: str, path: Path, steps: int, size: int, repeats: int) -> dict:
         models = load_models(path)
 
         def run(label: str, n: int):
-            options = {"sampler": "euler_a", "steps": n, **OPTIONS[label][0]}
+            options = {"sampler": "euler_a", "steps": n, **OPTIONS[label]}
             return generate(PROMPT, models, seed=1, width=size, height=size, progress=False, **options).images[0]
 
     else:
@@ -55,11 +55,11 @@ def worker(kind: str, path: Path, steps: int, size: int, repeats: int) -> dict:
         pipe = diffusers_pipeline(path)
 
         def run(label: str, n: int):
-            deepcache, ratio, sampler = OPTIONS[label][1]
-            pipe.scheduler = diffusers_scheduler(sampler)
-            with speedup_references(pipe, deepcache, ratio):
+            options = {"sampler": "euler_a", "steps": n, "deepcache": None, "tome": 0.0, **OPTIONS[label]}
+            pipe.scheduler = diffusers_scheduler(options["sampler"])
+            with speedup_references(pipe, options["deepcache"], options["tome"]):
                 generator = torch.Generator().manual_seed(1)
-                n = OPTIONS[label][0].get("steps", n)
+                n = options["steps"]
                 return pipe(PROMPT, num_inference_steps=n, height=size, width=size, generator=generator).images[0]
 
     run("plain", 2)  # the warm-up
